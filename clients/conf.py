@@ -1,0 +1,25 @@
+"""
+Settings of the clients app with their defaults, read at call time so override_settings works.
+"""
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Seconds without a connection or any request after which a client is stale and deleted.
+    "CLIENTS_STALE_AFTER": 24 * 60 * 60,
+    # Seconds a client marked closing (pagehide beacon) has to come back before it is deleted.
+    "CLIENTS_CLOSE_GRACE": 30,
+    # Seconds between runs of the in-process periodic cleanup; 0 turns it off.
+    "CLIENTS_CLEANUP_INTERVAL": 60,
+    # last_seen is written at most this often (seconds) for HTTP activity.
+    "CLIENTS_TOUCH_INTERVAL": 30,
+}
+
+
+def get(name: str) -> Any:
+    """
+    Return the setting `name`, or its default.
+    """
+    return getattr(settings, name, DEFAULTS[name])

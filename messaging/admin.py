@@ -1,0 +1,74 @@
+"""The admin for messages, deliveries and rooms."""
+
+import json
+
+from django.contrib import admin
+
+from messaging.models import Delivery, Message, Room
+
+
+class DeliveryInline(admin.TabularInline):
+    """
+    The queue entries of one message, one per target client still holding it.
+    """
+
+    model = Delivery
+    fields = ("client", "seq")
+    readonly_fields = ("client", "seq")
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    """
+    Messages as stored: sender, target, the client's message id, the body.
+    """
+
+    list_display = ("id", "sender", "sender_client", "client_msg_id", "to_user", "room",
+                    "created_at", "body_preview")
+    list_select_related = ("sender", "to_user", "room")
+    search_fields = ("client_msg_id", "sender__username")
+    list_filter = ("room",)
+    readonly_fields = ("sender", "sender_client", "client_msg_id", "to_user", "room",
+                       "created_at", "body")
+    exclude = ("wire",)
+    inlines = [DeliveryInline]
+
+    @admin.display(description="body")
+    def body(self, obj: Message) -> str:
+        return json.dumps(json.loads("{" + obj.wire[1:])["body"], ensure_ascii=False)
+
+    @admin.display(description="body")
+    def body_preview(self, obj: Message) -> str:
+        text = self.body(obj)
+        return text if len(text) <= 80 else text[:79] + "…"
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    """
+    Queue entries: which client holds which message at which seq.
+    """
+
+    list_display = ("id", "client", "seq", "message")
+    list_select_related = ("client", "message")
+    search_fields = ("client__id",)
+    raw_id_fields = ("client", "message")
+
+
+@admin.register(Room)
+class RoomAdmin(admin.ModelAdmin):
+    """
+    Rooms and their members.
+    """
+
+    list_display = ("name", "created_by", "created_at", "member_count")
+    list_select_related = ("created_by",)
+    search_fields = ("name",)
+    filter_horizontal = ("members",)
+
+    @admin.display(description="members")
+    def member_count(self, obj: Room) -> int:
+        return obj.members.count()

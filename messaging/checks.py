@@ -1,0 +1,34 @@
+"""System checks for the messaging app."""
+
+from typing import Any
+
+from django.core.checks import Error, register
+
+from messaging import conf
+
+# daphne drops frames over this size without a close frame, so the app's own limit must stay below.
+DAPHNE_MAX_FRAME = 1024 * 1024
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """
+    Reject limits that are not positive numbers, and a body limit daphne would silently undercut.
+    """
+    errors = []
+    for name in ("MESSAGING_MAX_BODY_BYTES", "MESSAGING_QUEUE_LIMIT", "MESSAGING_REPLAY_BATCH",
+                 "MESSAGING_PAGE_DEFAULT", "MESSAGING_PAGE_MAX"):
+        value = conf.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(Error(f"{name} must be a positive integer, not {value!r}.",
+                                id="messaging.E001"))
+    if not errors and conf.max_frame_bytes() >= DAPHNE_MAX_FRAME:
+        errors.append(Error(
+            "MESSAGING_MAX_BODY_BYTES is too close to daphne's 1 MiB frame limit: larger frames "
+            "would be dropped without an error frame.", id="messaging.E002"))
+    rate, burst = conf.get("MESSAGING_SEND_RATE"), conf.get("MESSAGING_SEND_BURST")
+    if rate is not None and (not isinstance(rate, int | float) or rate <= 0
+                             or not isinstance(burst, int | float) or burst < 1):
+        errors.append(Error("MESSAGING_SEND_RATE must be None or > 0, MESSAGING_SEND_BURST >= 1.",
+                            id="messaging.E003"))
+    return errors

@@ -1,0 +1,36 @@
+"""
+Settings of the messaging app with their defaults, read at call time so override_settings works.
+"""
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Largest message body, as compact UTF-8 JSON (bytes).
+    "MESSAGING_MAX_BODY_BYTES": 64 * 1024,
+    # Most unacked deliveries one client may hold; past it the client must resync from history.
+    "MESSAGING_QUEUE_LIMIT": 10_000,
+    # Sends per second per client (token bucket refill) and the bucket size; None turns it off.
+    "MESSAGING_SEND_RATE": 50.0,
+    "MESSAGING_SEND_BURST": 200,
+    # Deliveries read from the database per query when a socket catches up.
+    "MESSAGING_REPLAY_BATCH": 500,
+    # Default and largest `limit` of the HTTP list calls.
+    "MESSAGING_PAGE_DEFAULT": 100,
+    "MESSAGING_PAGE_MAX": 1000,
+}
+
+
+def get(name: str) -> Any:
+    """
+    Return the setting `name`, or its default.
+    """
+    return getattr(settings, name, DEFAULTS[name])
+
+
+def max_frame_bytes() -> int:
+    """
+    The largest WebSocket frame or HTTP request body accepted: a body plus room for the envelope.
+    """
+    return int(get("MESSAGING_MAX_BODY_BYTES")) + 4096

@@ -1,0 +1,225 @@
+"""
+The WebSocket transport: one socket per client (tab), as in the protocol's `/ws/` section.
+
+The consumer parses frames, authorizes the socket once at connect and calls the service layer.
+Pushes are pokes: the consumer reads deliveries above the last seq it sent from the database, so
+lost, duplicated or reordered pokes can neither lose nor double a delivery.
+"""
+
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from clients import services as client_services
+from clients.errors import Malformed, ServiceError
+from clients.models import client_group, user_group
+from messaging import conf, services, validation
+from messaging.wire import delivery_frame, dumps, parse_json
+
+logger = logging.getLogger(__name__)
+
+CLOSE_SUPERSEDED = 4409
+CLOSE_GONE = 4404
+_MISSING = object()
+
+
+class DeliveryConsumer(AsyncWebsocketConsumer):
+    """
+    Pushes a client's deliveries in seq order and takes its sends, acks, typing and pings.
+    """
+
+    client_id: uuid.UUID | None = None
+    sent_seq = 0
+    attached = False
+    closing = False
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        # Close codes only reach the browser after accept (else daphne answers HTTP 403).
+        await self.accept()
+        self.user = self.scope.get("user")
+        try:
+            client_services.require_user(self.user)
+            client_id, after = self._parse_query()
+            attachment = await self._attach_client(client_id)
+        except ServiceError as exc:
+            logger.info("websocket refused (%s): %s", exc.close_code, exc.detail)
+            await self._close(exc.close_code)
+            return
+        self.client_id = client_id
+        self.sent_seq = after
+        self.attached = True
+        await self.channel_layer.group_add(client_group(client_id), self.channel_name)
+        await self.channel_layer.group_add(user_group(self.user.pk), self.channel_name)
+        if attachment.previous_channel:
+            # Another socket held this client (a duplicated tab, or a reconnect before the old
+            # socket noticed): it is superseded, on whichever process it lives.
+            await self.channel_layer.send(attachment.previous_channel, {"type": "clients.supersede"})
+        client = attachment.client
+        await self._send_json({"type": "hello", "client_id": str(client.id), "head": client.head})
+        await self._flush()
+        if client.resync_required:
+            await self._send_resync()
+
+    def _parse_query(self) -> tuple[uuid.UUID, int]:
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        raw_id = query.get("client_id", [None])[-1]
+        try:
+            client_id = uuid.UUID(raw_id or "")
+        except ValueError:
+            raise Malformed("client_id must be a client UUID", code="malformed_query") from None
+        try:
+            after = validation.int_param(query.get("after", [None])[-1], "after", default=0)
+        except Malformed:
+            raise Malformed("after must be a non-negative integer", code="malformed_query") from None
+        return client_id, after
+
+    async def disconnect(self, code: int) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        await self.channel_layer.group_discard(client_group(self.client_id), self.channel_name)
+        await self.channel_layer.group_discard(user_group(self.user.pk), self.channel_name)
+        await self._detach_client()
+
+    async def _close(self, code: int) -> None:
+        self.closing = True
+        await self.close(code=code)
+
+    # -- frames from the tab ------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing or not self.attached:
+            return
+        frame: Any = None
+        try:
+            if text_data is None:
+                raise Malformed("binary frames are not supported; send JSON text", code="malformed")
+            frame = parse_json(text_data)
+            if not isinstance(frame, dict):
+                raise Malformed("a frame is a JSON object", code="malformed")
+            handler = self._handlers.get(frame.get("type"))  # type: ignore[arg-type]
+            if handler is None:
+                raise Malformed(f"unknown frame type {frame.get('type')!r}", code="unknown_type")
+            await handler(self, frame)
+        except ServiceError as exc:
+            await self._send_error(exc.code, exc.detail, frame)
+        except Exception:
+            # Never let one bad frame kill the socket (1011): the tab's outbox retries.
+            logger.exception("unexpected error handling a frame of client %s", self.client_id)
+            await self._send_error("internal_error", "the server failed; retry", frame)
+
+    async def _on_send(self, frame: dict) -> None:
+        result = await self._send_message(
+            frame.get("client_msg_id"), frame.get("to"), frame.get("body", _MISSING)
+        )
+        await self._send_json({"type": "sent", "client_msg_id": frame["client_msg_id"],
+                               "id": result.id, "duplicate": result.duplicate})
+
+    async def _on_ack(self, frame: dict) -> None:
+        await self._ack(frame.get("seq"))
+
+    async def _on_ping(self, frame: dict) -> None:
+        await self._send_json({"type": "pong", "head": await self._head()})
+
+    async def _on_typing(self, frame: dict) -> None:
+        await self._typing(frame.get("room"))
+
+    _handlers = {"send": _on_send, "ack": _on_ack, "ping": _on_ping, "typing": _on_typing}
+
+    # -- channel-layer events -----------------------------------------------------------------
+
+    async def messaging_poke(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            await self._flush()
+
+    async def messaging_resync(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            await self._send_resync()
+
+    async def messaging_typing(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            await self._send_json({"type": "typing", "room": event["room"], "user": event["user"]})
+
+    async def clients_supersede(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            logger.info("client %s superseded by a newer socket", self.client_id)
+            await self._close(CLOSE_SUPERSEDED)
+
+    async def clients_deleted(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            await self._close(CLOSE_GONE)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        """
+        Send every delivery above the last seq sent, in order, reading in batches.
+        """
+        batch = conf.get("MESSAGING_REPLAY_BATCH")
+        while not self.closing:
+            try:
+                page = await self._pending(self.sent_seq, batch)
+            except ServiceError:
+                await self._close(CLOSE_GONE)
+                return
+            for seq, message_id, tail in page.rows:
+                await self.send(text_data=delivery_frame(seq, message_id, tail))
+                self.sent_seq = seq
+            if len(page.rows) < batch:
+                return
+
+    async def _send_json(self, payload: dict) -> None:
+        await self.send(text_data=dumps(payload))
+
+    async def _send_error(self, code: str, detail: str, frame: Any = None) -> None:
+        payload = {"type": "error", "code": code, "detail": detail}
+        cmid = frame.get("client_msg_id") if isinstance(frame, dict) else None
+        if isinstance(cmid, str) and len(cmid) <= 100:
+            payload["client_msg_id"] = cmid
+        await self._send_json(payload)
+
+    async def _send_resync(self) -> None:
+        await self._send_error(
+            "resync_required",
+            "your queue reached its limit and later messages were not queued; load history, "
+            "then ack your head to resume",
+        )
+
+    # -- database ---------------------------------------------------------------------------
+
+    @database_sync_to_async
+    def _attach_client(self, client_id: uuid.UUID) -> client_services.Attachment:
+        return client_services.attach(self.user, client_id, self.channel_name)
+
+    @database_sync_to_async
+    def _detach_client(self) -> None:
+        client_services.detach(self.client_id, self.channel_name)
+
+    @database_sync_to_async
+    def _pending(self, after: int, limit: int) -> services.Pending:
+        return services.pending_for(self.client_id, after, limit)
+
+    @database_sync_to_async
+    def _send_message(self, cmid: object, to: object, body: object) -> services.SendResult:
+        if body is _MISSING:
+            validation.client_msg_id(cmid)
+            raise Malformed("a send frame needs a body", code="invalid_body")
+        return services.send_message(self.user, self.client_id, cmid, to, body)
+
+    @database_sync_to_async
+    def _ack(self, seq: object) -> int:
+        return services.ack(self.user, self.client_id, seq)
+
+    @database_sync_to_async
+    def _head(self) -> int:
+        return services.head_of(self.client_id)
+
+    @database_sync_to_async
+    def _typing(self, room: object) -> None:
+        services.notify_typing(self.user, room)

@@ -1,0 +1,351 @@
+"""
+The delivery rules, in one place: send, pending, ack, rooms and typing.
+
+The WebSocket consumer and the HTTP API parse and call these; neither holds a delivery rule.
+Store, then send: a message and one delivery per target client are committed in one
+transaction, and connected tabs are poked through the channel layer only after the commit.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from clients.errors import Conflict, Forbidden, NotFound, RateLimited
+from clients.models import Client, client_group, user_group
+from clients.push import group_send_after_commit, group_send_now
+from clients.services import AnyUser, get_own_client, require_user, touch
+from messaging import conf, validation
+from messaging.models import Delivery, Message, Room
+from messaging.wire import message_tail
+
+logger = logging.getLogger(__name__)
+
+POKE = {"type": "messaging.poke"}
+RESYNC = {"type": "messaging.resync"}
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """
+    The stored message's id, and whether this send was a retry of an already stored one.
+    """
+
+    id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Pending:
+    """
+    A page of a client's queue: (seq, message id, wire tail) rows, the head, the resync flag.
+    """
+
+    rows: list[tuple[int, int, str]]
+    head: int
+    resync_required: bool
+
+
+class _SendRate:
+    """
+    Per-client token buckets (per process) for MESSAGING_SEND_RATE / MESSAGING_SEND_BURST.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[object, tuple[float, float]] = {}
+
+    def take(self, key: object) -> bool:
+        rate = conf.get("MESSAGING_SEND_RATE")
+        if rate is None:
+            return True
+        burst = float(conf.get("MESSAGING_SEND_BURST"))
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return False
+            self._buckets[key] = (tokens - 1, now)
+            if len(self._buckets) > 50_000:
+                self._prune(now, burst / rate)
+            return True
+
+    def _prune(self, now: float, refill_time: float) -> None:
+        # A bucket idle long enough to be full again is the same as no bucket.
+        idle = [k for k, (_, last) in self._buckets.items() if now - last > refill_time]
+        for key in idle:
+            del self._buckets[key]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._buckets.clear()
+
+
+send_rate = _SendRate()
+
+
+def _existing_id(sender_client: object, cmid: str) -> int | None:
+    return (
+        Message.objects.filter(sender_client=sender_client, client_msg_id=cmid)
+        .values_list("id", flat=True)
+        .first()
+    )
+
+
+def send_message(
+    user: AnyUser | None, client_id: object, client_msg_id: object, to: object, body: object
+) -> SendResult:
+    """
+    Store a message with one delivery per target client (every client of every recipient and
+    of the sender), or return the stored one if this `client_msg_id` was seen from this client.
+    """
+    owner = require_user(user)
+    cmid = validation.client_msg_id(client_msg_id)
+    kind, name = validation.target(to)
+    body_text = validation.body_json(body)
+    sender_client = get_own_client(owner, client_id)
+    touch(sender_client)
+    existing = _existing_id(sender_client.pk, cmid)
+    if existing is not None:
+        return SendResult(existing, duplicate=True)
+    if not send_rate.take(sender_client.pk):
+        raise RateLimited("too many messages; slow down and retry", code="rate_limited")
+    try:
+        with transaction.atomic():
+            return _store(owner, sender_client.pk, cmid, kind, name, body_text)
+    except IntegrityError:
+        # A concurrent retry of the same message committed first.
+        existing = _existing_id(sender_client.pk, cmid)
+        if existing is None:
+            raise
+        return SendResult(existing, duplicate=True)
+
+
+def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str) -> SendResult:
+    room = None
+    to_user_id = None
+    if kind == "room":
+        # Locking the room row first gives every send to one room a single order, in history
+        # (message ids) and in every member client's seqs alike.
+        room = Room.objects.select_for_update().filter(name=name).first()
+        if room is None:
+            raise NotFound(f"no room named {name!r}", code="unknown_room")
+        user_ids = set(room.members.values_list("id", flat=True))
+        if owner.pk not in user_ids:
+            raise Forbidden("only members can post to this room", code="not_a_member")
+        to = {"room": room.name}
+    else:
+        recipient = (
+            get_user_model().objects.filter(username=name).values_list("id", "username").first()
+        )
+        if recipient is None:
+            raise NotFound(f"no user named {name!r}", code="unknown_user")
+        to_user_id = recipient[0]
+        user_ids = {owner.pk, to_user_id}
+        to = {"user": recipient[1]}
+
+    # Lock every target client in one stable order (no deadlocks between concurrent sends), then
+    # number the deliveries from the locked heads: gapless, never reused.
+    targets = list(
+        Client.objects.select_for_update()
+        .filter(user_id__in=user_ids)
+        .order_by("id")
+        .values_list("id", "head", "acked_seq", "resync_required")
+    )
+    if not any(t[0] == sender_client for t in targets):
+        raise NotFound("no such client", code="unknown_client")
+    # Under the sender's row lock no retry of this message can be half-way through.
+    existing = _existing_id(sender_client, cmid)
+    if existing is not None:
+        return SendResult(existing, duplicate=True)
+
+    now = timezone.now()
+    message = Message.objects.create(
+        sender_id=owner.pk,
+        sender_client=sender_client,
+        client_msg_id=cmid,
+        to_user_id=to_user_id,
+        room=room,
+        created_at=now,
+        wire=message_tail(
+            sender=owner.get_username(), client_id=str(sender_client), to=to, body_json=body_text,
+            created=now,
+        ),
+    )
+
+    limit = conf.get("MESSAGING_QUEUE_LIMIT")
+    queued = [(cid, head) for cid, head, acked, resync in targets
+              if not resync and head - acked < limit]
+    overflowing = [cid for cid, head, acked, resync in targets
+                   if not resync and head - acked >= limit]
+    if queued:
+        Client.objects.filter(id__in=[cid for cid, _ in queued]).update(head=F("head") + 1)
+        Delivery.objects.bulk_create(
+            [Delivery(client_id=cid, seq=head + 1, message_id=message.pk) for cid, head in queued]
+        )
+    if overflowing:
+        Client.objects.filter(id__in=overflowing).update(resync_required=True)
+        logger.warning("queue limit %d reached for %d client(s); they must resync",
+                       limit, len(overflowing))
+    group_send_after_commit(
+        [(client_group(cid), POKE) for cid, _ in queued]
+        + [(client_group(cid), RESYNC) for cid in overflowing]
+    )
+    return SendResult(message.pk, duplicate=False)
+
+
+def pending_for(client_id: object, after: int, limit: int) -> Pending:
+    """
+    Unacked deliveries of an already authorized client with seq > `after`, in seq order.
+    """
+    state = Client.objects.filter(pk=client_id).values_list("head", "resync_required").first()
+    if state is None:
+        raise NotFound("no such client", code="unknown_client")
+    rows = list(
+        Delivery.objects.filter(client_id=client_id, seq__gt=after)
+        .order_by("seq")
+        .values_list("seq", "message_id", "message__wire")[:limit]
+    )
+    # A send may commit between the two reads; the head never trails what was read.
+    head = max(state[0], rows[-1][0] if rows else 0)
+    return Pending(rows=rows, head=head, resync_required=state[1])
+
+
+def pending(user: AnyUser | None, client_id: object, after: object, limit: object) -> Pending:
+    """
+    The client's unacked deliveries with seq > `after` (at most `limit`), for its owner.
+    """
+    client = get_own_client(user, client_id)
+    touch(client)
+    return pending_for(client.pk, validation.int_value(after, "after"),
+                       validation.int_value(limit, "limit", minimum=1))
+
+
+def head_of(client_id: object) -> int:
+    """
+    The last seq assigned to the client.
+    """
+    head = Client.objects.filter(pk=client_id).values_list("head", flat=True).first()
+    if head is None:
+        raise NotFound("no such client", code="unknown_client")
+    return head
+
+
+def ack(user: AnyUser | None, client_id: object, seq: object) -> int:
+    """
+    Delete the client's deliveries with seq <= `seq` (cumulative and idempotent; an ack above
+    the head counts as an ack of the head). Returns the seq acknowledged.
+    """
+    upto = validation.int_value(seq, "seq")
+    with transaction.atomic():
+        client = get_own_client(user, client_id, for_update=True)
+        upto = min(upto, client.head)
+        fields = ["last_seen_at"]
+        client.last_seen_at = timezone.now()
+        if upto > client.acked_seq:
+            Delivery.objects.filter(
+                client_id=client.pk, seq__gt=client.acked_seq, seq__lte=upto
+            ).delete()
+            client.acked_seq = upto
+            fields.append("acked_seq")
+        if client.resync_required and upto == client.head:
+            # The tab acknowledged everything it was sent and reloaded history: queue again.
+            client.resync_required = False
+            fields.append("resync_required")
+        client.save(update_fields=fields)
+    return upto
+
+
+def _room_dict(room: Room) -> dict:
+    return {"name": room.name, "members": sorted(m.get_username() for m in room.members.all())}
+
+
+def _get_room(name: object) -> Room:
+    room = Room.objects.filter(name=validation.room_name(name)).first()
+    if room is None:
+        raise NotFound(f"no room named {name!r}", code="unknown_room")
+    return room
+
+
+def create_room(user: AnyUser | None, name: object) -> dict:
+    """
+    Create a room with its creator as the first member; Conflict if the name is taken.
+    """
+    owner = require_user(user)
+    clean = validation.room_name(name)
+    try:
+        with transaction.atomic():
+            room = Room.objects.create(name=clean, created_by_id=owner.pk)
+            room.members.add(owner.pk)
+    except IntegrityError:
+        raise Conflict(f"a room named {clean!r} exists", code="room_exists") from None
+    logger.info("room %s created by user %s", clean, owner.pk)
+    return _room_dict(room)
+
+
+def join_room(user: AnyUser | None, name: object) -> dict:
+    """
+    Join a room (rooms are open); joining twice is harmless.
+    """
+    owner = require_user(user)
+    room = _get_room(name)
+    room.members.add(owner.pk)
+    return _room_dict(room)
+
+
+def leave_room(user: AnyUser | None, name: object) -> dict:
+    """
+    Leave a room; the user's tabs get none of its later messages. Leaving twice is harmless.
+    """
+    owner = require_user(user)
+    room = _get_room(name)
+    room.members.remove(owner.pk)
+    return _room_dict(room)
+
+
+def list_rooms(user: AnyUser | None) -> list[dict]:
+    """
+    The rooms the user is a member of, by name.
+    """
+    owner = require_user(user)
+    rooms = Room.objects.filter(members=owner.pk).order_by("name").prefetch_related("members")
+    return [_room_dict(room) for room in rooms]
+
+
+def room_history(
+    user: AnyUser | None, name: object, before: int | None, limit: int
+) -> list[tuple[int, str]]:
+    """
+    Up to `limit` messages of a room with id < `before` (all when None), newest last; members
+    only.
+    """
+    owner = require_user(user)
+    room = _get_room(name)
+    if not room.members.filter(pk=owner.pk).exists():
+        raise Forbidden("only members can read this room", code="not_a_member")
+    qs = Message.objects.filter(room=room)
+    if before is not None:
+        qs = qs.filter(id__lt=before)
+    rows = list(qs.order_by("-id").values_list("id", "wire")[:limit])
+    rows.reverse()
+    return rows
+
+
+def notify_typing(user: AnyUser | None, name: object) -> None:
+    """
+    Tell the other members' sockets that `user` is typing in a room (ephemeral, never queued).
+    """
+    owner = require_user(user)
+    room = _get_room(name)
+    member_ids = set(room.members.values_list("id", flat=True))
+    if owner.pk not in member_ids:
+        raise Forbidden("only members can type in this room", code="not_a_member")
+    event = {"type": "messaging.typing", "room": room.name, "user": owner.get_username()}
+    group_send_now([(user_group(uid), event) for uid in member_ids if uid != owner.pk])

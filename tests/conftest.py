@@ -1,0 +1,189 @@
+"""
+Shared fixtures: users, logged-in HTTP clients, and WebSocket tabs through the real ASGI app.
+
+The same suite runs against the defaults (on-disk SQLite, in-memory layer) and, with
+DATABASE_URL / REDIS_URL set, against real PostgreSQL and Redis servers.
+"""
+
+import json
+import os
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.test import Client as HttpClient
+
+from chatproject.asgi import application
+from messaging.services import send_rate
+
+ORIGIN = b"http://localhost"
+TIMEOUT = 5
+
+
+@pytest.fixture(autouse=True)
+def _reset_rate_limits():
+    send_rate.reset()
+    yield
+    send_rate.reset()
+
+
+@pytest.fixture(autouse=True)
+async def _flush_channel_layer():
+    yield
+    layer = get_channel_layer()
+    if hasattr(layer, "flush"):
+        await layer.flush()
+
+
+def make_user(username: str):
+    return get_user_model().objects.create_user(username=username, password="pw-" + username)
+
+
+@pytest.fixture
+def alice(db):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(db):
+    return make_user("bob")
+
+
+@pytest.fixture
+def carol(db):
+    return make_user("carol")
+
+
+def http_as(user, *, csrf: bool = False) -> HttpClient:
+    """
+    A Django test client logged in as `user` (CSRF enforced when `csrf`).
+    """
+    client = HttpClient(enforce_csrf_checks=csrf)
+    if user is not None:
+        client.force_login(user)
+    return client
+
+
+def api_post(client: HttpClient, path: str, payload=None, **extra):
+    data = "" if payload is None else json.dumps(payload)
+    return client.post(path, data=data, content_type="application/json", **extra)
+
+
+def register(client: HttpClient) -> str:
+    response = api_post(client, "/api/clients/")
+    assert response.status_code == 201, response.content
+    return response.json()["client_id"]
+
+
+def session_cookie(user) -> str:
+    client = HttpClient()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+class Tab:
+    """
+    A WebSocket connection of one client, as a browser tab would hold it.
+    """
+
+    def __init__(self, communicator: WebsocketCommunicator, client_id: str) -> None:
+        self.comm = communicator
+        self.client_id = client_id
+        self.hello: dict | None = None
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict:
+        return await self.comm.receive_json_from(timeout=timeout)
+
+    async def send(self, payload) -> None:
+        await self.comm.send_json_to(payload)
+
+    async def send_text(self, text: str) -> None:
+        await self.comm.send_to(text_data=text)
+
+    async def nothing(self, timeout: float = 0.3) -> bool:
+        return await self.comm.receive_nothing(timeout=timeout)
+
+    async def recv_type(self, kind: str, timeout: float = TIMEOUT) -> dict:
+        """
+        Receive frames until one of type `kind` (other frames are kept in `self.skipped`).
+        """
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == kind:
+                return frame
+            self.skipped.append(frame)
+
+    skipped: list
+
+    async def deliveries(self, count: int, timeout: float = TIMEOUT) -> list[dict]:
+        frames = []
+        while len(frames) < count:
+            frame = await self.recv(timeout)
+            if frame["type"] == "delivery":
+                frames.append(frame)
+        return frames
+
+    async def close_code(self, timeout: float = TIMEOUT) -> int | None:
+        while True:
+            output = await self.comm.receive_output(timeout)
+            if output["type"] == "websocket.close":
+                return output.get("code")
+
+    async def disconnect(self) -> None:
+        await self.comm.disconnect()
+
+
+async def open_ws(user, query: str, *, origin: bytes | None = ORIGIN) -> WebsocketCommunicator:
+    headers = []
+    if origin is not None:
+        headers.append((b"origin", origin))
+    if user is not None:
+        cookie = await database_sync_to_async(session_cookie)(user)
+        headers.append((b"cookie", cookie.encode()))
+    communicator = WebsocketCommunicator(application, f"/ws/?{query}", headers=headers)
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected
+    return communicator
+
+
+async def connect_tab(user, client_id: str, after: int = 0) -> Tab:
+    """
+    Open a socket for `client_id` and read its hello frame.
+    """
+    tab = Tab(await open_ws(user, f"client_id={client_id}&after={after}"), client_id)
+    tab.skipped = []
+    tab.hello = await tab.recv()
+    assert tab.hello["type"] == "hello", tab.hello
+    return tab
+
+
+async def refused_with(user, query: str, origin: bytes | None = ORIGIN) -> int | None:
+    """
+    Open a socket that the server is expected to refuse; return its close code.
+    """
+    communicator = await open_ws(user, query, origin=origin)
+    output = await communicator.receive_output(TIMEOUT)
+    await communicator.disconnect()
+    assert output["type"] == "websocket.close", output
+    return output.get("code")
+
+
+@database_sync_to_async
+def new_client(user) -> str:
+    """
+    Register a client over HTTP (as a tab does on first load) and return its id.
+    """
+    return register(http_as(user))
+
+
+def random_id() -> str:
+    return str(uuid.uuid4())
+
+
+def requires_services() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or bool(
+        os.environ.get("REQUIRE_SERVICES")
+    )

@@ -1,0 +1,229 @@
+"""The WebSocket delivery rules: fan-out per tab, gapless seq, ack, replay, dedup, supersede."""
+
+import pytest
+from channels.db import database_sync_to_async
+
+from clients.models import Client
+from messaging.models import Delivery, Message
+from tests.conftest import connect_tab, http_as, new_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def send_frame(cmid: str, to: dict, body) -> dict:
+    return {"type": "send", "client_msg_id": cmid, "to": to, "body": body}
+
+
+@database_sync_to_async
+def queue_of(client_id: str) -> list[int]:
+    return list(Delivery.objects.filter(client_id=client_id).order_by("seq")
+                .values_list("seq", flat=True))
+
+
+@database_sync_to_async
+def client_row(client_id: str) -> Client:
+    return Client.objects.get(pk=client_id)
+
+
+async def test_hello_first_with_client_id_and_head(alice):
+    """The first frame is hello with the client id and its head."""
+    cid = await new_client(alice)
+    tab = await connect_tab(alice, cid)
+    assert tab.hello == {"type": "hello", "client_id": cid, "head": 0}
+    await tab.disconnect()
+
+
+async def test_one_delivery_per_tab_of_recipient_and_of_sender(alice, bob):
+    """A direct message reaches each of the recipient's tabs and each of the sender's, once."""
+    a1, a2, b1, b2 = [await new_client(u) for u in (alice, alice, bob, bob)]
+    tabs = {cid: await connect_tab(user, cid)
+            for cid, user in ((a1, alice), (a2, alice), (b1, bob), (b2, bob))}
+    await tabs[a1].send(send_frame("m1", {"user": "bob"}, {"text": "hi"}))
+    sent = await tabs[a1].recv_type("sent")
+    assert sent["client_msg_id"] == "m1" and sent["duplicate"] is False
+    for cid, tab in tabs.items():
+        (frame,) = await tab.deliveries(1)
+        assert frame["seq"] == 1
+        message = frame["message"]
+        assert message["id"] == sent["id"]
+        assert message["from"] == {"user": "alice", "client_id": a1}
+        assert message["to"] == {"user": "bob"}
+        assert message["body"] == {"text": "hi"}
+        assert message["created"].endswith("Z")
+        assert await tab.nothing(), f"tab {cid} got a second frame"
+    for tab in tabs.values():
+        await tab.disconnect()
+
+
+async def test_seq_grows_by_one_per_client_without_gaps(alice, bob):
+    """Each client's seqs are 1, 2, 3, ... whatever mix of senders and targets."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta, tb = await connect_tab(alice, a1), await connect_tab(bob, b1)
+    for i in range(5):
+        await ta.send(send_frame(f"a{i}", {"user": "bob"}, i))
+        await tb.send(send_frame(f"b{i}", {"user": "alice"}, i))
+    got_a = [f["seq"] for f in await ta.deliveries(10)]
+    got_b = [f["seq"] for f in await tb.deliveries(10)]
+    assert got_a == list(range(1, 11))
+    assert got_b == list(range(1, 11))
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_ack_deletes_exactly_that_clients_deliveries_up_to_seq(alice, bob):
+    """A cumulative ack deletes the acking client's deliveries <= seq and nobody else's."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta = await connect_tab(alice, a1)
+    for i in range(4):
+        await ta.send(send_frame(f"m{i}", {"user": "bob"}, i))
+    await ta.deliveries(4)
+    await ta.send({"type": "ack", "seq": 2})
+    await ta.send({"type": "ping"})
+    assert (await ta.recv_type("pong"))["head"] == 4
+    assert await queue_of(a1) == [3, 4]
+    assert await queue_of(b1) == [1, 2, 3, 4]
+    await ta.send({"type": "ack", "seq": 99})  # above head: an ack of head
+    await ta.send({"type": "ping"})
+    await ta.recv_type("pong")
+    assert await queue_of(a1) == []
+    assert (await client_row(a1)).acked_seq == 4
+    await ta.disconnect()
+
+
+async def test_reconnect_with_after_replays_exactly_the_unacked_after_it(alice, bob):
+    """A tab that reconnects with after=N gets the unacked deliveries above N, in order."""
+    a1 = await new_client(alice)
+    b1 = await new_client(bob)
+    tb = await connect_tab(bob, b1)
+    for i in range(6):
+        await tb.send(send_frame(f"m{i}", {"user": "alice"}, {"n": i}))
+        await tb.recv_type("sent")
+    await tb.disconnect()
+    ta = await connect_tab(alice, a1, after=2)
+    frames = await ta.deliveries(4)
+    assert [f["seq"] for f in frames] == [3, 4, 5, 6]
+    assert [f["message"]["body"]["n"] for f in frames] == [2, 3, 4, 5]
+    assert await ta.nothing()
+    await ta.send({"type": "ack", "seq": 4})
+    await ta.disconnect()
+    ta = await connect_tab(alice, a1, after=4)
+    assert [f["seq"] for f in await ta.deliveries(2)] == [5, 6]
+    assert await ta.nothing()
+    await ta.disconnect()
+
+
+async def test_reconnect_after_zero_replays_everything_unacked(alice, bob):
+    """after defaults to 0: everything still unacked comes again after a reload."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    tb = await connect_tab(bob, b1)
+    for i in range(3):
+        await tb.send(send_frame(f"m{i}", {"user": "alice"}, i))
+        await tb.recv_type("sent")
+    ta = await connect_tab(alice, a1)
+    assert [f["seq"] for f in await ta.deliveries(3)] == [1, 2, 3]
+    await ta.send({"type": "ack", "seq": 1})
+    await ta.disconnect()
+    ta = await connect_tab(alice, a1)
+    assert [f["seq"] for f in await ta.deliveries(2)] == [2, 3]
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_retried_client_msg_id_stores_nothing_new(alice, bob):
+    """A retry with the same client_msg_id is answered duplicate and queues nothing."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta = await connect_tab(alice, a1)
+    await ta.send(send_frame("same", {"user": "bob"}, "x"))
+    first = await ta.recv_type("sent")
+    await ta.send(send_frame("same", {"user": "bob"}, "x"))
+    second = await ta.recv_type("sent")
+    assert first["duplicate"] is False and second["duplicate"] is True
+    assert first["id"] == second["id"]
+    assert await database_sync_to_async(Message.objects.count)() == 1
+    assert await queue_of(b1) == [1]
+    assert await queue_of(a1) == [1]
+    await ta.disconnect()
+
+
+async def test_dedup_across_websocket_and_http(alice, bob):
+    """A message sent over HTTP and retried over the socket (and back) is stored once."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    http = await database_sync_to_async(http_as)(alice)
+    from tests.conftest import api_post
+
+    response = await database_sync_to_async(api_post)(
+        http, "/api/messages/",
+        {"client_id": a1, "client_msg_id": "x1", "to": {"user": "bob"}, "body": 1},
+    )
+    assert response.status_code == 201
+    ta = await connect_tab(alice, a1)
+    await ta.send(send_frame("x1", {"user": "bob"}, 1))
+    sent = await ta.recv_type("sent")
+    assert sent == {"type": "sent", "client_msg_id": "x1", "id": response.json()["id"],
+                    "duplicate": True}
+    await ta.send(send_frame("x2", {"user": "bob"}, 2))
+    second = await ta.recv_type("sent")
+    again = await database_sync_to_async(api_post)(
+        http, "/api/messages/",
+        {"client_id": a1, "client_msg_id": "x2", "to": {"user": "bob"}, "body": 2},
+    )
+    assert again.status_code == 200
+    assert again.json() == {"id": second["id"], "duplicate": True}
+    assert await queue_of(b1) == [1, 2]
+    await ta.disconnect()
+
+
+async def test_same_client_msg_id_from_two_clients_is_two_messages(alice, bob):
+    """client_msg_id is unique per client, not globally."""
+    a1, a2 = await new_client(alice), await new_client(alice)
+    await new_client(bob)
+    t1, t2 = await connect_tab(alice, a1), await connect_tab(alice, a2)
+    await t1.send(send_frame("m", {"user": "bob"}, 1))
+    await t2.send(send_frame("m", {"user": "bob"}, 2))
+    s1, s2 = await t1.recv_type("sent"), await t2.recv_type("sent")
+    assert not s1["duplicate"] and not s2["duplicate"] and s1["id"] != s2["id"]
+    await t1.disconnect()
+    await t2.disconnect()
+
+
+async def test_second_connection_supersedes_first_with_4409(alice, bob):
+    """A second socket for one client closes the first with 4409 and takes over delivery."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    old = await connect_tab(alice, a1)
+    new = await connect_tab(alice, a1)
+    assert await old.close_code() == 4409
+    await old.disconnect()  # the late disconnect of the old socket must not detach the new one
+    row = await client_row(a1)
+    assert row.channel_name != ""
+    tb = await connect_tab(bob, b1)
+    await tb.send(send_frame("m", {"user": "alice"}, "after supersede"))
+    (frame,) = await new.deliveries(1)
+    assert frame["message"]["body"] == "after supersede"
+    await new.disconnect()
+    await tb.disconnect()
+    assert (await client_row(a1)).channel_name == ""
+
+
+async def test_deleting_a_connected_client_closes_it_with_4404(alice):
+    """DELETE /api/clients/{id}/ closes that client's open socket with 4404 and drops its queue."""
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    http = await database_sync_to_async(http_as)(alice)
+    response = await database_sync_to_async(http.delete)(f"/api/clients/{a1}/")
+    assert response.status_code == 204
+    assert await tab.close_code() == 4404
+    await tab.disconnect()
+    assert not await database_sync_to_async(Client.objects.filter(pk=a1).exists)()
+
+
+async def test_ping_answers_pong_with_head(alice, bob):
+    """ping is answered with pong and the client's head, so a tab notices a lost push."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    tb = await connect_tab(bob, b1)
+    await tb.send(send_frame("m", {"user": "alice"}, 1))
+    await tb.recv_type("sent")
+    ta = await connect_tab(alice, a1, after=1)  # claims to have seen seq 1 already
+    await ta.send({"type": "ping"})
+    assert await ta.recv() == {"type": "pong", "head": 1}
+    await ta.disconnect()
+    await tb.disconnect()
