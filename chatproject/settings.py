@@ -45,7 +45,9 @@ SECRET_KEY = os.environ.get(
 DEBUG = _env_bool("DJANGO_DEBUG", True)
 ALLOWED_HOSTS = [
     h.strip()
-    for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",")
+    for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(
+        ","
+    )
     if h.strip()
 ]
 CSRF_TRUSTED_ORIGINS = [
@@ -113,7 +115,9 @@ else:
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
             # On disk, not in memory, so connection-closing bugs show up in tests too.
-            "TEST": {"NAME": os.environ.get("SQLITE_TEST_PATH", str(BASE_DIR / "var" / "test.sqlite3"))},
+            "TEST": {
+                "NAME": os.environ.get("SQLITE_TEST_PATH", str(BASE_DIR / "var" / "test.sqlite3"))
+            },
         }
     }
 
@@ -171,8 +175,8 @@ for _name in (
     "CLIENTS_CLOSE_GRACE",
 ):
     if os.environ.get(_name):
-        globals()[_name] = float(os.environ[_name]) if "." in os.environ[_name] else int(
-            os.environ[_name]
+        globals()[_name] = (
+            float(os.environ[_name]) if "." in os.environ[_name] else int(os.environ[_name])
         )
 
 LOGGING = {

@@ -10,8 +10,10 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path(
         "accounts/login/",
-        auth_views.LoginView.as_view(template_name="admin/login.html",
-                                     extra_context={"site_header": "Tab relay", "title": "Log in"}),
+        auth_views.LoginView.as_view(
+            template_name="admin/login.html",
+            extra_context={"site_header": "Tab relay", "title": "Log in"},
+        ),
         name="login",
     ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -11,8 +11,19 @@ class ClientAdmin(admin.ModelAdmin):
     Clients with their user, connection, head, acked seq and queue depth.
     """
 
-    list_display = ("id", "user", "connected", "channel_name", "head", "acked_seq", "depth",
-                    "resync_required", "last_seen_at", "closing_at", "created_at")
+    list_display = (
+        "id",
+        "user",
+        "connected",
+        "channel_name",
+        "head",
+        "acked_seq",
+        "depth",
+        "resync_required",
+        "last_seen_at",
+        "closing_at",
+        "created_at",
+    )
     list_select_related = ("user",)
     list_filter = ("resync_required",)
     search_fields = ("id", "user__username")

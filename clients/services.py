@@ -126,7 +126,9 @@ def mark_closing(user: AnyUser | None, client_id: object) -> None:
     connects again.
     """
     client = get_own_client(user, client_id)
-    Client.objects.filter(pk=client.pk).update(closing_at=timezone.now(), last_seen_at=timezone.now())
+    Client.objects.filter(pk=client.pk).update(
+        closing_at=timezone.now(), last_seen_at=timezone.now()
+    )
 
 
 def delete_client(user: AnyUser | None, client_id: object) -> None:
@@ -166,12 +168,17 @@ def cleanup_q(now: datetime, stale_after: float | None = None) -> tuple[Q, Q]:
     grace = conf.get("CLIENTS_CLOSE_GRACE")
     disconnected = Q(channel_name="")
     stale = disconnected & Q(last_seen_at__lt=now - timedelta(seconds=stale_after))
-    closed = disconnected & Q(closing_at__isnull=False, closing_at__lt=now - timedelta(seconds=grace))
+    closed = disconnected & Q(
+        closing_at__isnull=False, closing_at__lt=now - timedelta(seconds=grace)
+    )
     return stale, closed
 
 
 def cleanup_clients(
-    *, now: datetime | None = None, stale_after: float | None = None, dry_run: bool = False,
+    *,
+    now: datetime | None = None,
+    stale_after: float | None = None,
+    dry_run: bool = False,
     batch_size: int = 500,
 ) -> CleanupResult:
     """
@@ -202,8 +209,10 @@ def cleanup_clients(
             bucket.extend(doomed)
     if result.total and not dry_run:
         logger.info(
-            "cleanup removed %d client(s): %d stale, %d closed", result.total,
-            len(result.stale), len(result.closed),
+            "cleanup removed %d client(s): %d stale, %d closed",
+            result.total,
+            len(result.stale),
+            len(result.closed),
         )
     return result
 
@@ -213,4 +222,3 @@ def describe(client: Client) -> dict:
     The HTTP representation of a newly registered client.
     """
     return {"client_id": str(client.id), "head": client.head}
-

@@ -26,13 +26,28 @@ class MessageAdmin(admin.ModelAdmin):
     Messages as stored: sender, target, the client's message id, the body.
     """
 
-    list_display = ("id", "sender", "sender_client", "client_msg_id", "to_user", "room",
-                    "created_at", "body_preview")
+    list_display = (
+        "id",
+        "sender",
+        "sender_client",
+        "client_msg_id",
+        "to_user",
+        "room",
+        "created_at",
+        "body_preview",
+    )
     list_select_related = ("sender", "to_user", "room")
     search_fields = ("client_msg_id", "sender__username")
     list_filter = ("room",)
-    readonly_fields = ("sender", "sender_client", "client_msg_id", "to_user", "room",
-                       "created_at", "body")
+    readonly_fields = (
+        "sender",
+        "sender_client",
+        "client_msg_id",
+        "to_user",
+        "room",
+        "created_at",
+        "body",
+    )
     exclude = ("wire",)
     inlines = [DeliveryInline]
 

@@ -16,19 +16,37 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     Reject limits that are not positive numbers, and a body limit daphne would silently undercut.
     """
     errors = []
-    for name in ("MESSAGING_MAX_BODY_BYTES", "MESSAGING_QUEUE_LIMIT", "MESSAGING_REPLAY_BATCH",
-                 "MESSAGING_PAGE_DEFAULT", "MESSAGING_PAGE_MAX"):
+    for name in (
+        "MESSAGING_MAX_BODY_BYTES",
+        "MESSAGING_QUEUE_LIMIT",
+        "MESSAGING_REPLAY_BATCH",
+        "MESSAGING_PAGE_DEFAULT",
+        "MESSAGING_PAGE_MAX",
+    ):
         value = conf.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            errors.append(Error(f"{name} must be a positive integer, not {value!r}.",
-                                id="messaging.E001"))
+            errors.append(
+                Error(f"{name} must be a positive integer, not {value!r}.", id="messaging.E001")
+            )
     if not errors and conf.max_frame_bytes() >= DAPHNE_MAX_FRAME:
-        errors.append(Error(
-            "MESSAGING_MAX_BODY_BYTES is too close to daphne's 1 MiB frame limit: larger frames "
-            "would be dropped without an error frame.", id="messaging.E002"))
+        errors.append(
+            Error(
+                "MESSAGING_MAX_BODY_BYTES is too close to daphne's 1 MiB frame limit: larger "
+                "frames would be dropped without an error frame.",
+                id="messaging.E002",
+            )
+        )
     rate, burst = conf.get("MESSAGING_SEND_RATE"), conf.get("MESSAGING_SEND_BURST")
-    if rate is not None and (not isinstance(rate, int | float) or rate <= 0
-                             or not isinstance(burst, int | float) or burst < 1):
-        errors.append(Error("MESSAGING_SEND_RATE must be None or > 0, MESSAGING_SEND_BURST >= 1.",
-                            id="messaging.E003"))
+    if rate is not None and (
+        not isinstance(rate, int | float)
+        or rate <= 0
+        or not isinstance(burst, int | float)
+        or burst < 1
+    ):
+        errors.append(
+            Error(
+                "MESSAGING_SEND_RATE must be None or > 0, MESSAGING_SEND_BURST >= 1.",
+                id="messaging.E003",
+            )
+        )
     return errors

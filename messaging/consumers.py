@@ -59,7 +59,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         if attachment.previous_channel:
             # Another socket held this client (a duplicated tab, or a reconnect before the old
             # socket noticed): it is superseded, on whichever process it lives.
-            await self.channel_layer.send(attachment.previous_channel, {"type": "clients.supersede"})
+            await self.channel_layer.send(
+                attachment.previous_channel, {"type": "clients.supersede"}
+            )
         client = attachment.client
         await self._send_json({"type": "hello", "client_id": str(client.id), "head": client.head})
         await self._flush()
@@ -76,7 +78,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         try:
             after = validation.int_param(query.get("after", [None])[-1], "after", default=0)
         except Malformed:
-            raise Malformed("after must be a non-negative integer", code="malformed_query") from None
+            raise Malformed(
+                "after must be a non-negative integer", code="malformed_query"
+            ) from None
         return client_id, after
 
     async def disconnect(self, code: int) -> None:
@@ -118,8 +122,14 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         result = await self._send_message(
             frame.get("client_msg_id"), frame.get("to"), frame.get("body", _MISSING)
         )
-        await self._send_json({"type": "sent", "client_msg_id": frame["client_msg_id"],
-                               "id": result.id, "duplicate": result.duplicate})
+        await self._send_json(
+            {
+                "type": "sent",
+                "client_msg_id": frame["client_msg_id"],
+                "id": result.id,
+                "duplicate": result.duplicate,
+            }
+        )
 
     async def _on_ack(self, frame: dict) -> None:
         await self._ack(frame.get("seq"))

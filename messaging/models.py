@@ -17,7 +17,9 @@ class Room(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
     )
     created_at = models.DateTimeField(default=timezone.now)
-    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="chat_rooms", blank=True)
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, related_name="chat_rooms", blank=True
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -39,12 +41,19 @@ class Message(models.Model):
     sender_client = models.UUIDField()
     client_msg_id = models.CharField(max_length=100)
     to_user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True,
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
         related_name="received_chat_messages",
     )
     # Indexed together with id below (room history pages).
     room = models.ForeignKey(
-        Room, on_delete=models.CASCADE, null=True, blank=True, related_name="messages",
+        Room,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="messages",
         db_index=False,
     )
     created_at = models.DateTimeField(default=timezone.now)

@@ -175,16 +175,21 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
         room=room,
         created_at=now,
         wire=message_tail(
-            sender=owner.get_username(), client_id=str(sender_client), to=to, body_json=body_text,
+            sender=owner.get_username(),
+            client_id=str(sender_client),
+            to=to,
+            body_json=body_text,
             created=now,
         ),
     )
 
     limit = conf.get("MESSAGING_QUEUE_LIMIT")
-    queued = [(cid, head) for cid, head, acked, resync in targets
-              if not resync and head - acked < limit]
-    overflowing = [cid for cid, head, acked, resync in targets
-                   if not resync and head - acked >= limit]
+    queued = [
+        (cid, head) for cid, head, acked, resync in targets if not resync and head - acked < limit
+    ]
+    overflowing = [
+        cid for cid, head, acked, resync in targets if not resync and head - acked >= limit
+    ]
     if queued:
         Client.objects.filter(id__in=[cid for cid, _ in queued]).update(head=F("head") + 1)
         Delivery.objects.bulk_create(
@@ -192,8 +197,9 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
         )
     if overflowing:
         Client.objects.filter(id__in=overflowing).update(resync_required=True)
-        logger.warning("queue limit %d reached for %d client(s); they must resync",
-                       limit, len(overflowing))
+        logger.warning(
+            "queue limit %d reached for %d client(s); they must resync", limit, len(overflowing)
+        )
     group_send_after_commit(
         [(client_group(cid), POKE) for cid, _ in queued]
         + [(client_group(cid), RESYNC) for cid in overflowing]
@@ -224,8 +230,11 @@ def pending(user: AnyUser | None, client_id: object, after: object, limit: objec
     """
     client = get_own_client(user, client_id)
     touch(client)
-    return pending_for(client.pk, validation.int_value(after, "after"),
-                       validation.int_value(limit, "limit", minimum=1))
+    return pending_for(
+        client.pk,
+        validation.int_value(after, "after"),
+        validation.int_value(limit, "limit", minimum=1),
+    )
 
 
 def head_of(client_id: object) -> int:

@@ -110,9 +110,7 @@ def body_json(raw: Any) -> str:
                 )
             )
             if size > limit:
-                raise TooLarge(
-                    f"body is {size} bytes; the limit is {limit}", code="body_too_large"
-                )
+                raise TooLarge(f"body is {size} bytes; the limit is {limit}", code="body_too_large")
     except (ValueError, TypeError, RecursionError):
         raise Malformed("body must be a JSON value", code="invalid_body") from None
     return text

@@ -50,9 +50,7 @@ def api(*methods: str) -> Callable:
         @wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method not in methods:
-                response = error_response(
-                    405, "method_not_allowed", f"use {' or '.join(methods)}"
-                )
+                response = error_response(405, "method_not_allowed", f"use {' or '.join(methods)}")
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
@@ -184,7 +182,9 @@ def rooms_collection(request: HttpRequest) -> HttpResponse:
     """
     if request.method == "GET":
         return JsonResponse({"rooms": services.list_rooms(request.user)})
-    return JsonResponse(services.create_room(request.user, _object(request).get("name")), status=201)
+    return JsonResponse(
+        services.create_room(request.user, _object(request).get("name")), status=201
+    )
 
 
 @api("POST")

@@ -16,8 +16,9 @@ def send_frame(cmid: str, to: dict, body) -> dict:
 
 @database_sync_to_async
 def queue_of(client_id: str) -> list[int]:
-    return list(Delivery.objects.filter(client_id=client_id).order_by("seq")
-                .values_list("seq", flat=True))
+    return list(
+        Delivery.objects.filter(client_id=client_id).order_by("seq").values_list("seq", flat=True)
+    )
 
 
 @database_sync_to_async
@@ -36,8 +37,10 @@ async def test_hello_first_with_client_id_and_head(alice):
 async def test_one_delivery_per_tab_of_recipient_and_of_sender(alice, bob):
     """A direct message reaches each of the recipient's tabs and each of the sender's, once."""
     a1, a2, b1, b2 = [await new_client(u) for u in (alice, alice, bob, bob)]
-    tabs = {cid: await connect_tab(user, cid)
-            for cid, user in ((a1, alice), (a2, alice), (b1, bob), (b2, bob))}
+    tabs = {
+        cid: await connect_tab(user, cid)
+        for cid, user in ((a1, alice), (a2, alice), (b1, bob), (b2, bob))
+    }
     await tabs[a1].send(send_frame("m1", {"user": "bob"}, {"text": "hi"}))
     sent = await tabs[a1].recv_type("sent")
     assert sent["client_msg_id"] == "m1" and sent["duplicate"] is False
@@ -152,19 +155,25 @@ async def test_dedup_across_websocket_and_http(alice, bob):
     from tests.conftest import api_post
 
     response = await database_sync_to_async(api_post)(
-        http, "/api/messages/",
+        http,
+        "/api/messages/",
         {"client_id": a1, "client_msg_id": "x1", "to": {"user": "bob"}, "body": 1},
     )
     assert response.status_code == 201
     ta = await connect_tab(alice, a1)
     await ta.send(send_frame("x1", {"user": "bob"}, 1))
     sent = await ta.recv_type("sent")
-    assert sent == {"type": "sent", "client_msg_id": "x1", "id": response.json()["id"],
-                    "duplicate": True}
+    assert sent == {
+        "type": "sent",
+        "client_msg_id": "x1",
+        "id": response.json()["id"],
+        "duplicate": True,
+    }
     await ta.send(send_frame("x2", {"user": "bob"}, 2))
     second = await ta.recv_type("sent")
     again = await database_sync_to_async(api_post)(
-        http, "/api/messages/",
+        http,
+        "/api/messages/",
         {"client_id": a1, "client_msg_id": "x2", "to": {"user": "bob"}, "body": 2},
     )
     assert again.status_code == 200
