@@ -35,7 +35,8 @@ def _database_from_url(url: str) -> dict:
         "PORT": str(parts.port or ""),
         "OPTIONS": options,
         "CONN_MAX_AGE": int(os.environ.get("DATABASE_CONN_MAX_AGE", "0")),
-        "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME") or None},
+        # Per process, so parallel test runs on one machine do not share a test database.
+        "TEST": {"NAME": os.environ.get("DATABASE_TEST_NAME") or f"test_tabrelay_{os.getpid()}"},
     }
 
 
@@ -116,7 +117,9 @@ else:
             },
             # On disk, not in memory, so connection-closing bugs show up in tests too.
             "TEST": {
-                "NAME": os.environ.get("SQLITE_TEST_PATH", str(BASE_DIR / "var" / "test.sqlite3"))
+                "NAME": os.environ.get(
+                    "SQLITE_TEST_PATH", str(BASE_DIR / "var" / f"test-{os.getpid()}.sqlite3")
+                )
             },
         }
     }
