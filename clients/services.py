@@ -109,7 +109,7 @@ def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attach
     return Attachment(client=client, previous_channel=previous if previous != channel_name else "")
 
 
-def detach(client_id: object, channel_name: str) -> bool:
+def detach(client_id: uuid.UUID | str, channel_name: str) -> bool:
     """
     Mark the client disconnected, but only if `channel_name` is still its socket: a late
     disconnect of a superseded socket must not erase the new one.

@@ -8,6 +8,7 @@ transaction, and connected tabs are poked through the channel layer only after t
 
 import logging
 import threading
+import uuid
 import time
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ class _SendRate:
 send_rate = _SendRate()
 
 
-def _existing_id(sender_client: object, cmid: str) -> int | None:
+def _existing_id(sender_client: uuid.UUID | str, cmid: str) -> int | None:
     return (
         Message.objects.filter(sender_client=sender_client, client_msg_id=cmid)
         .values_list("id", flat=True)
@@ -207,7 +208,7 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
     return SendResult(message.pk, duplicate=False)
 
 
-def pending_for(client_id: object, after: int, limit: int) -> Pending:
+def pending_for(client_id: uuid.UUID | str, after: int, limit: int) -> Pending:
     """
     Unacked deliveries of an already authorized client with seq > `after`, in seq order.
     """
@@ -237,7 +238,7 @@ def pending(user: AnyUser | None, client_id: object, after: object, limit: objec
     )
 
 
-def head_of(client_id: object) -> int:
+def head_of(client_id: uuid.UUID | str) -> int:
     """
     The last seq assigned to the client.
     """
