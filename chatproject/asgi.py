@@ -17,6 +17,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from chatproject.routing import websocket_urlpatterns  # noqa: E402
+from clients.scheduler import BackgroundTasks  # noqa: E402
 
 http_app = django_asgi_app
 if settings.SERVE_STATIC:
@@ -24,7 +25,7 @@ if settings.SERVE_STATIC:
 
     http_app = ASGIStaticFilesHandler(django_asgi_app)
 
-application = ProtocolTypeRouter(
+router = ProtocolTypeRouter(
     {
         "http": http_app,
         "websocket": AllowedHostsOriginValidator(
@@ -32,3 +33,5 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+# Heartbeat and periodic cleanup run inside every server process; nothing else to start.
+application = BackgroundTasks(router)

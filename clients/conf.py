@@ -13,6 +13,10 @@ DEFAULTS: dict[str, Any] = {
     "CLIENTS_CLOSE_GRACE": 30,
     # Seconds between runs of the in-process periodic cleanup; 0 turns it off.
     "CLIENTS_CLEANUP_INTERVAL": 60,
+    # Seconds between a server process's heartbeats, and after which a silent one counts as dead
+    # (its sockets are then marked disconnected).
+    "CLIENTS_HEARTBEAT_INTERVAL": 10,
+    "CLIENTS_PROCESS_TIMEOUT": 45,
     # last_seen is written at most this often (seconds) for HTTP activity.
     "CLIENTS_TOUCH_INTERVAL": 30,
 }

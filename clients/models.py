@@ -41,6 +41,9 @@ class Client(models.Model):
     last_seen_at = models.DateTimeField(default=timezone.now)
     # The channel name of the consumer holding this client's socket; empty when not connected.
     channel_name = models.CharField(max_length=200, blank=True, default="")
+    # The server process holding that socket (ServerProcess.id), so a dead process's sockets can
+    # be told from live ones.
+    server = models.CharField(max_length=64, blank=True, default="")
     connected_at = models.DateTimeField(null=True, blank=True)
     # Set by the pagehide beacon; cleared when the tab connects again.
     closing_at = models.DateTimeField(null=True, blank=True)
@@ -88,3 +91,31 @@ def user_group(user_id: object) -> str:
     The channel-layer group of all sockets of one user, for ephemeral events (typing, presence).
     """
     return f"user.{user_id}"
+
+
+class ServerProcess(models.Model):
+    """
+    A running server process, alive while its heartbeat is recent.
+    """
+
+    id = models.CharField(max_length=64, primary_key=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(default=timezone.now)
+    heartbeat_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid} ({self.id})"
+
+
+class Lease(models.Model):
+    """
+    A named lease: the process holding it, until it expires, is the one doing that job.
+    """
+
+    name = models.CharField(max_length=64, primary_key=True)
+    holder = models.CharField(max_length=64, blank=True)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder or 'nobody'}"

@@ -7,17 +7,17 @@ either of them.
 
 import logging
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from clients import conf
 from clients.errors import Forbidden, NotAuthenticated, NotFound
 from clients.models import Client, client_group
+from clients.process import PROCESS_ID
 from clients.push import group_send_after_commit
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,13 @@ def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attach
         previous = client.channel_name
         now = timezone.now()
         client.channel_name = channel_name
+        client.server = PROCESS_ID
         client.connected_at = now
         client.last_seen_at = now
         client.closing_at = None
-        client.save(update_fields=["channel_name", "connected_at", "last_seen_at", "closing_at"])
+        client.save(
+            update_fields=["channel_name", "server", "connected_at", "last_seen_at", "closing_at"]
+        )
     return Attachment(client=client, previous_channel=previous if previous != channel_name else "")
 
 
@@ -115,7 +118,7 @@ def detach(client_id: uuid.UUID | str, channel_name: str) -> bool:
     disconnect of a superseded socket must not erase the new one.
     """
     updated = Client.objects.filter(pk=client_id, channel_name=channel_name).update(
-        channel_name="", last_seen_at=timezone.now()
+        channel_name="", server="", last_seen_at=timezone.now()
     )
     return bool(updated)
 
@@ -140,85 +143,3 @@ def delete_client(user: AnyUser | None, client_id: object) -> None:
         client.delete()
         group_send_after_commit([(client_group(client_id), {"type": "clients.deleted"})])
     logger.info("client %s deleted by its user", client_id)
-
-
-@dataclass
-class CleanupResult:
-    """
-    What a cleanup run removed (or, with dry_run, would remove).
-    """
-
-    stale: list[uuid.UUID] = field(default_factory=list)
-    closed: list[uuid.UUID] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def total(self) -> int:
-        """
-        The number of clients removed.
-        """
-        return len(self.stale) + len(self.closed)
-
-
-def cleanup_q(now: datetime, stale_after: float | None = None) -> tuple[Q, Q]:
-    """
-    The filters for stale clients and for closing clients past their grace period.
-    """
-    stale_after = conf.get("CLIENTS_STALE_AFTER") if stale_after is None else stale_after
-    grace = conf.get("CLIENTS_CLOSE_GRACE")
-    disconnected = Q(channel_name="")
-    stale = disconnected & Q(last_seen_at__lt=now - timedelta(seconds=stale_after))
-    closed = disconnected & Q(
-        closing_at__isnull=False, closing_at__lt=now - timedelta(seconds=grace)
-    )
-    return stale, closed
-
-
-def cleanup_clients(
-    *,
-    now: datetime | None = None,
-    stale_after: float | None = None,
-    dry_run: bool = False,
-    batch_size: int = 500,
-) -> CleanupResult:
-    """
-    Delete stale clients and closing clients past their grace period, with their queues.
-
-    A connected client is never deleted: the condition is checked again in each DELETE, so a tab
-    that connects between the look-up and the delete survives. Safe to run from several processes.
-    """
-    now = now or timezone.now()
-    stale_q, closed_q = cleanup_q(now, stale_after)
-    result = CleanupResult(dry_run=dry_run)
-    for q, bucket in ((closed_q, result.closed), (stale_q & ~closed_q, result.stale)):
-        ids = list(Client.objects.filter(q).order_by("id").values_list("id", flat=True))
-        if dry_run:
-            bucket.extend(ids)
-            continue
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            with transaction.atomic():
-                doomed = list(
-                    Client.objects.select_for_update(skip_locked=True)
-                    .filter(q, id__in=chunk)
-                    .order_by("id")
-                    .values_list("id", flat=True)
-                )
-                if doomed:
-                    Client.objects.filter(id__in=doomed).delete()
-            bucket.extend(doomed)
-    if result.total and not dry_run:
-        logger.info(
-            "cleanup removed %d client(s): %d stale, %d closed",
-            result.total,
-            len(result.stale),
-            len(result.closed),
-        )
-    return result
-
-
-def describe(client: Client) -> dict:
-    """
-    The HTTP representation of a newly registered client.
-    """
-    return {"client_id": str(client.id), "head": client.head}

@@ -13,4 +13,8 @@ class MessagingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from clients.scheduler import register_job
         from messaging import checks  # noqa: F401  (registers the system checks)
+        from messaging.retention import prune_history
+
+        register_job("history retention", prune_history)

@@ -16,6 +16,9 @@ DEFAULTS: dict[str, Any] = {
     "MESSAGING_SEND_BURST": 200,
     # Deliveries read from the database per query when a socket catches up.
     "MESSAGING_REPLAY_BATCH": 500,
+    # Seconds to keep message history once no queue holds the message; None keeps it forever.
+    # (A retry of a pruned message's client_msg_id would be stored again.)
+    "MESSAGING_HISTORY_RETENTION": None,
     # Default and largest `limit` of the HTTP list calls.
     "MESSAGING_PAGE_DEFAULT": 100,
     "MESSAGING_PAGE_MAX": 1000,
