@@ -129,7 +129,16 @@ if os.environ.get("REDIS_URL"):
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [os.environ["REDIS_URL"]],
+                # redis-py 8 defaults socket_timeout to 5 s, exactly channels-redis's blocking
+                # BZPOPMIN of 5 s: idle sockets' receive loops then die with a read timeout
+                # (1011). Reads must be allowed to outlast the blocking pop.
+                "hosts": [
+                    {
+                        "address": os.environ["REDIS_URL"],
+                        "socket_timeout": float(os.environ.get("REDIS_SOCKET_TIMEOUT", "30")),
+                        "socket_connect_timeout": 5.0,
+                    }
+                ],
                 "prefix": os.environ.get("REDIS_PREFIX", "asgi"),
                 "capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "1000")),
                 "expiry": 60,
@@ -169,18 +178,22 @@ SERVE_STATIC = _env_bool("SERVE_STATIC", False)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # App settings (defaults live in clients/conf.py and messaging/conf.py); set here to override.
-for _name in (
-    "MESSAGING_MAX_BODY_BYTES",
-    "MESSAGING_QUEUE_LIMIT",
-    "MESSAGING_SEND_RATE",
-    "MESSAGING_SEND_BURST",
-    "CLIENTS_STALE_AFTER",
-    "CLIENTS_CLOSE_GRACE",
-):
-    if os.environ.get(_name):
-        globals()[_name] = (
-            float(os.environ[_name]) if "." in os.environ[_name] else int(os.environ[_name])
-        )
+
+
+def _env_setting(raw: str) -> object:
+    """An app setting from the environment: a number, or none/true/false."""
+    lowered = raw.strip().lower()
+    if lowered in {"none", "null", ""}:
+        return None
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    return float(raw) if any(c in raw for c in ".eE") else int(raw)
+
+
+# Every app setting (clients/conf.py, messaging/conf.py) can also come from the environment.
+for _name, _raw in os.environ.items():
+    if _name.startswith(("MESSAGING_", "CLIENTS_")):
+        globals()[_name] = _env_setting(_raw)
 
 LOGGING = {
     "version": 1,

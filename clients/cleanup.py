@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from clients import conf
 from clients.models import Client, ServerProcess
+from clients.signals import presence_changed
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def heal_dead_processes(now: datetime, *, dry_run: bool = False) -> tuple[list[s
             )
             ServerProcess.objects.filter(pk=process.pk, heartbeat_at__lt=now).delete()
         detached.extend(pairs)
+        for user_id in {uid for _, uid in pairs}:
+            if not Client.objects.filter(user_id=user_id).exclude(channel_name="").exists():
+                presence_changed.send(sender=Client, user_id=user_id, online=False)
         logger.warning(
             "server process %s stopped heart-beating at %s; %d socket(s) marked disconnected",
             process.id,

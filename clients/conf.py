@@ -13,6 +13,8 @@ DEFAULTS: dict[str, Any] = {
     "CLIENTS_CLOSE_GRACE": 30,
     # Seconds between runs of the in-process periodic cleanup; 0 turns it off.
     "CLIENTS_CLEANUP_INTERVAL": 60,
+    # Whether each server process runs the heartbeat and periodic cleanup itself.
+    "CLIENTS_RUN_PERIODIC": True,
     # Seconds between a server process's heartbeats, and after which a silent one counts as dead
     # (its sockets are then marked disconnected).
     "CLIENTS_HEARTBEAT_INTERVAL": 10,

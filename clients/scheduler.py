@@ -90,6 +90,8 @@ class BackgroundTasks:
         """
         Start the periodic task in the running loop, once.
         """
+        if not conf.get("CLIENTS_RUN_PERIODIC"):
+            return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(run_forever())
             logger.info("periodic heartbeat and cleanup started")

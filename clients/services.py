@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
@@ -19,6 +20,7 @@ from clients.errors import Forbidden, NotAuthenticated, NotFound
 from clients.models import Client, client_group
 from clients.process import PROCESS_ID
 from clients.push import group_send_after_commit
+from clients.signals import presence_changed
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,27 @@ class Attachment:
     previous_channel: str
 
 
+def _lock_user(user_id: object) -> None:
+    # Serialises attach/detach per user, so "first socket" and "last socket" are decided once
+    # even when two tabs connect or leave at the same moment on different processes.
+    list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk"))
+
+
+def _connected_elsewhere(user_id: object, client_id: object) -> bool:
+    return (
+        Client.objects.filter(user_id=user_id)
+        .exclude(channel_name="")
+        .exclude(pk=client_id)
+        .exists()
+    )
+
+
+def _announce(user_id: object, online: bool) -> None:
+    transaction.on_commit(
+        lambda: presence_changed.send(sender=Client, user_id=user_id, online=online)
+    )
+
+
 def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attachment:
     """
     Make `channel_name` the socket of the client; return the channel it replaces (or "").
@@ -98,8 +121,14 @@ def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attach
     Connecting again also cancels a pending close: a reload is not a close.
     """
     with transaction.atomic():
-        client = get_own_client(user, client_id, for_update=True)
+        client = get_own_client(user, client_id, for_update=False)
+        _lock_user(client.user_id)
+        client = Client.objects.select_for_update().filter(pk=client.pk).first()
+        if client is None:
+            raise NotFound("no such client", code="unknown_client")
         previous = client.channel_name
+        if not previous and not _connected_elsewhere(client.user_id, client.pk):
+            _announce(client.user_id, True)
         now = timezone.now()
         client.channel_name = channel_name
         client.server = PROCESS_ID
@@ -117,9 +146,16 @@ def detach(client_id: uuid.UUID | str, channel_name: str) -> bool:
     Mark the client disconnected, but only if `channel_name` is still its socket: a late
     disconnect of a superseded socket must not erase the new one.
     """
-    updated = Client.objects.filter(pk=client_id, channel_name=channel_name).update(
-        channel_name="", server="", last_seen_at=timezone.now()
-    )
+    user_id = Client.objects.filter(pk=client_id).values_list("user_id", flat=True).first()
+    if user_id is None:
+        return False
+    with transaction.atomic():
+        _lock_user(user_id)
+        updated = Client.objects.filter(pk=client_id, channel_name=channel_name).update(
+            channel_name="", server="", last_seen_at=timezone.now()
+        )
+        if updated and not _connected_elsewhere(user_id, client_id):
+            _announce(user_id, False)
     return bool(updated)
 
 
@@ -140,6 +176,41 @@ def delete_client(user: AnyUser | None, client_id: object) -> None:
     """
     with transaction.atomic():
         client = get_own_client(user, client_id, for_update=True)
+        if client.channel_name and not _connected_elsewhere(client.user_id, client.pk):
+            _announce(client.user_id, False)
         client.delete()
         group_send_after_commit([(client_group(client_id), {"type": "clients.deleted"})])
     logger.info("client %s deleted by its user", client_id)
+
+
+def kick_clients(client_ids: list) -> int:
+    """
+    Close the sockets of these clients (an operator's action); the tabs reconnect and resume.
+    """
+    ids = list(
+        Client.objects.filter(id__in=client_ids)
+        .exclude(channel_name="")
+        .values_list("id", flat=True)
+    )
+    group_send_after_commit([(client_group(cid), {"type": "clients.kick"}) for cid in ids])
+    return len(ids)
+
+
+def delete_clients(client_ids: list) -> int:
+    """
+    Delete these clients and their queues (an operator's action); open sockets close with 4404.
+    """
+    with transaction.atomic():
+        rows = list(
+            Client.objects.select_for_update()
+            .filter(id__in=client_ids)
+            .order_by("id")
+            .values_list("id", "user_id", "channel_name")
+        )
+        for client_id, user_id, channel in rows:
+            if channel and not _connected_elsewhere(user_id, client_id):
+                _announce(user_id, False)
+        Client.objects.filter(id__in=[r[0] for r in rows]).delete()
+        group_send_after_commit([(client_group(r[0]), {"type": "clients.deleted"}) for r in rows])
+    logger.info("%d client(s) deleted by an operator", len(rows))
+    return len(rows)

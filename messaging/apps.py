@@ -14,7 +14,10 @@ class MessagingConfig(AppConfig):
 
     def ready(self) -> None:
         from clients.scheduler import register_job
+        from clients.signals import presence_changed
         from messaging import checks  # noqa: F401  (registers the system checks)
+        from messaging.presence import announce_presence
         from messaging.retention import prune_history
 
         register_job("history retention", prune_history)
+        presence_changed.connect(announce_presence, dispatch_uid="messaging.presence")

@@ -18,12 +18,14 @@ from clients import services as client_services
 from clients.errors import Malformed, ServiceError
 from clients.models import client_group, user_group
 from messaging import conf, services, validation
+from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
 logger = logging.getLogger(__name__)
 
 CLOSE_SUPERSEDED = 4409
 CLOSE_GONE = 4404
+CLOSE_KICKED = 1012
 _MISSING = object()
 
 
@@ -32,7 +34,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     Pushes a client's deliveries in seq order and takes its sends, acks, typing and pings.
     """
 
-    client_id: uuid.UUID | None = None
+    client_id: uuid.UUID
     sent_seq = 0
     attached = False
     closing = False
@@ -67,6 +69,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         await self._flush()
         if client.resync_required:
             await self._send_resync()
+        for name in await self._online_peers():
+            await self._send_json({"type": "presence", "user": name, "online": True})
 
     def _parse_query(self) -> tuple[uuid.UUID, int]:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -107,7 +111,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             frame = parse_json(text_data)
             if not isinstance(frame, dict):
                 raise Malformed("a frame is a JSON object", code="malformed")
-            handler = self._handlers.get(frame.get("type"))  # type: ignore[arg-type]
+            kind = frame.get("type")
+            # Only a string names a handler (a list or object as "type" is not hashable).
+            handler = self._handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise Malformed(f"unknown frame type {frame.get('type')!r}", code="unknown_type")
             await handler(self, frame)
@@ -156,6 +162,17 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         if self.attached and not self.closing:
             await self._send_json({"type": "typing", "room": event["room"], "user": event["user"]})
 
+    async def messaging_presence(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            await self._send_json(
+                {"type": "presence", "user": event["user"], "online": event["online"]}
+            )
+
+    async def clients_kick(self, event: dict) -> None:
+        # An operator disconnected this socket: 1012 (service restart) tells the tab to come back.
+        if self.attached and not self.closing:
+            await self._close(CLOSE_KICKED)
+
     async def clients_supersede(self, event: dict) -> None:
         if self.attached and not self.closing:
             logger.info("client %s superseded by a newer socket", self.client_id)
@@ -190,7 +207,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     async def _send_error(self, code: str, detail: str, frame: Any = None) -> None:
         payload = {"type": "error", "code": code, "detail": detail}
         cmid = frame.get("client_msg_id") if isinstance(frame, dict) else None
-        if isinstance(cmid, str) and len(cmid) <= 100:
+        if isinstance(cmid, str):
+            # Echoed even when invalid (empty, too long): the tab's outbox can settle that send.
             payload["client_msg_id"] = cmid
         await self._send_json(payload)
 
@@ -229,6 +247,10 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     @database_sync_to_async
     def _head(self) -> int:
         return services.head_of(self.client_id)
+
+    @database_sync_to_async
+    def _online_peers(self) -> list[str]:
+        return online_peers(self.user.pk)
 
     @database_sync_to_async
     def _typing(self, room: object) -> None:

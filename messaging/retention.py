@@ -15,11 +15,12 @@ logger = logging.getLogger(__name__)
 def prune_history(now: datetime | None = None, batch_size: int = 1000) -> str:
     """
     Delete messages older than MESSAGING_HISTORY_RETENTION that no client's queue holds any
-    more (a queued message is deleted only by its clients' acks). Returns a summary.
+    more (a queued message is deleted only by its clients' acks). Returns a summary, empty
+    when retention is off.
     """
     retention = conf.get("MESSAGING_HISTORY_RETENTION")
     if retention is None:
-        return "history kept forever (MESSAGING_HISTORY_RETENTION is None)"
+        return ""
     cutoff = (now or timezone.now()) - timedelta(seconds=retention)
     old = Message.objects.filter(created_at__lt=cutoff).exclude(
         Exists(Delivery.objects.filter(message=OuterRef("pk")))

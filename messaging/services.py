@@ -8,8 +8,8 @@ transaction, and connected tabs are poked through the channel layer only after t
 
 import logging
 import threading
-import uuid
 import time
+import uuid
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model

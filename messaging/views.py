@@ -10,7 +10,7 @@ from functools import wraps
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
@@ -36,7 +36,14 @@ def error_response(status: int, code: str, detail: str) -> JsonResponse:
 def _csrf_reject(request: HttpRequest) -> HttpResponse | None:
     # Run Django's own CSRF check, but after the login check: an anonymous caller gets 401.
     middleware = CsrfViewMiddleware(lambda req: HttpResponse())
-    return middleware.process_view(request, lambda req: HttpResponse(), (), {})
+    try:
+        return middleware.process_view(request, lambda req: HttpResponse(), (), {})
+    except RequestDataTooBig:
+        # The check reads form bodies (a sendBeacon close) for csrfmiddlewaretoken.
+        raise TooLarge("request body too large", code="body_too_large") from None
+    except SuspiciousOperation:
+        # E.g. more form fields than DATA_UPLOAD_MAX_NUMBER_FIELDS.
+        raise Malformed("the request body could not be parsed", code="malformed") from None
 
 
 def api(*methods: str) -> Callable:
@@ -69,9 +76,17 @@ def api(*methods: str) -> Callable:
     return decorate
 
 
+def _max_request_bytes() -> int:
+    # The body limit counts a body's compact UTF-8 size, but a request may spell it with \uXXXX
+    # escapes (json.dumps does by default: up to 3 bytes per UTF-8 byte, 6 for escaped ASCII):
+    # a body within the limit must not be refused for how the request escapes it. The body
+    # itself is measured exactly by validation.body_json.
+    return 6 * int(conf.get("MESSAGING_MAX_BODY_BYTES")) + 4096
+
+
 def _check_size(request: HttpRequest) -> None:
     # Django itself would answer 400, and only past 2.5 MiB: the 413 must come from here.
-    limit = conf.max_frame_bytes()
+    limit = _max_request_bytes()
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -88,7 +103,7 @@ def _object(request: HttpRequest) -> dict:
         raw = request.body
     except RequestDataTooBig:
         raise TooLarge("request body too large", code="body_too_large") from None
-    if len(raw) > conf.max_frame_bytes():
+    if len(raw) > _max_request_bytes():
         raise TooLarge("request body too large", code="body_too_large")
     body = parse_json(raw) if raw.strip() else None
     if not isinstance(body, dict):

@@ -10,8 +10,9 @@ import os
 import uuid
 
 import pytest
+from channels import DEFAULT_CHANNEL_LAYER
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
+from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.test import Client as HttpClient
@@ -21,6 +22,12 @@ from messaging.services import send_rate
 
 ORIGIN = b"http://localhost"
 TIMEOUT = 5
+
+
+@pytest.fixture(autouse=True)
+def _no_periodic_tasks_in_the_test_loop(settings):
+    # In-process tests drive cleanup explicitly; real daphne processes (tests/servers.py) run it.
+    settings.CLIENTS_RUN_PERIODIC = False
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +43,10 @@ async def _flush_channel_layer():
     layer = get_channel_layer()
     if hasattr(layer, "flush"):
         await layer.flush()
+    if hasattr(layer, "close_pools"):
+        await layer.close_pools()
+    # Each test runs in its own event loop; a layer's asyncio locks must not outlive it.
+    channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)
 
 
 def make_user(username: str):
