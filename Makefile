@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install
+.PHONY: run test lint install cluster
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/test
+
+# N daphne processes on PostgreSQL + Redis on this machine (ports 8001..): make cluster N=3
+N ?= 2
+cluster: $(STAMP)
+	bash scripts/cluster $(N)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -41,5 +41,5 @@ class Command(BaseCommand):
                 )
             )
         self.stdout.write(
-            "Log in at http://127.0.0.1:8000/ as admin/admin, alice/alice or bob/bob."
+            "Demo logins: admin/admin, alice/alice, bob/bob."
         )
