@@ -93,13 +93,13 @@ class Attachment:
     previous_channel: str
 
 
-def _lock_user(user_id: object) -> None:
+def _lock_user(user_id: int) -> None:
     # Serialises attach/detach per user, so "first socket" and "last socket" are decided once
     # even when two tabs connect or leave at the same moment on different processes.
     list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk"))
 
 
-def _connected_elsewhere(user_id: object, client_id: object) -> bool:
+def _connected_elsewhere(user_id: int, client_id: uuid.UUID | str) -> bool:
     return (
         Client.objects.filter(user_id=user_id)
         .exclude(channel_name="")
@@ -108,7 +108,7 @@ def _connected_elsewhere(user_id: object, client_id: object) -> bool:
     )
 
 
-def _announce(user_id: object, online: bool) -> None:
+def _announce(user_id: int, online: bool) -> None:
     transaction.on_commit(
         lambda: presence_changed.send(sender=Client, user_id=user_id, online=online)
     )
@@ -123,9 +123,10 @@ def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attach
     with transaction.atomic():
         client = get_own_client(user, client_id, for_update=False)
         _lock_user(client.user_id)
-        client = Client.objects.select_for_update().filter(pk=client.pk).first()
-        if client is None:
+        locked = Client.objects.select_for_update().filter(pk=client.pk).first()
+        if locked is None:
             raise NotFound("no such client", code="unknown_client")
+        client = locked
         previous = client.channel_name
         if not previous and not _connected_elsewhere(client.user_id, client.pk):
             _announce(client.user_id, True)

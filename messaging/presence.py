@@ -12,7 +12,7 @@ from clients.push import group_send_now
 from messaging.models import Room
 
 
-def audience(user_id: object) -> set:
+def audience(user_id: int) -> set[int]:
     """
     The ids of the users who see `user_id`'s presence: its room co-members.
     """
@@ -22,7 +22,7 @@ def audience(user_id: object) -> set:
     return peers
 
 
-def announce_presence(sender: Any = None, *, user_id: object, online: bool, **kwargs: Any) -> None:
+def announce_presence(sender: Any = None, *, user_id: int, online: bool, **kwargs: Any) -> None:
     """
     Receiver of clients' presence_changed: send a presence frame to the user's audience.
     """
@@ -33,7 +33,7 @@ def announce_presence(sender: Any = None, *, user_id: object, online: bool, **kw
     group_send_now([(user_group(uid), event) for uid in sorted(audience(user_id))])
 
 
-def online_peers(user_id: object) -> list[str]:
+def online_peers(user_id: int) -> list[str]:
     """
     The names of the users in the audience of `user_id` that are online now, by name.
     """
