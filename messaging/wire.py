@@ -6,6 +6,7 @@ HTTP answers are assembled from text without decoding and re-encoding bodies.
 """
 
 import json
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -17,11 +18,38 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Deeper JSON is refused before parsing: json.loads would hit Python's recursion limit, and a
+# caught RecursionError can leave CPython 3.11's AST recursion counter corrupted (cpython#106905),
+# crashing a later unrelated compile in the same process.
+MAX_DEPTH = 512
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
 def parse_json(text: str | bytes) -> Any:
     """
-    Parse client JSON strictly (no NaN or Infinity); raise Malformed on anything else.
+    Parse client JSON strictly (no NaN or Infinity, at most MAX_DEPTH levels); raise Malformed
+    on anything else.
     """
     try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        if _too_deep(text):
+            raise Malformed(f"JSON nested deeper than {MAX_DEPTH} levels", code="malformed_json")
         return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise Malformed("JSON nested too deeply", code="malformed_json") from None
