@@ -123,6 +123,18 @@ class Deployment:
             ),
         )
 
+    def create_room(self, name: str, members: list[str]) -> None:
+        self.manage(
+            "shell",
+            "-c",
+            (
+                "from messaging.models import Room; "
+                "from django.contrib.auth import get_user_model as g; "
+                f"r = Room.objects.create(name={name!r}); "
+                f"r.members.add(*g().objects.filter(username__in={members!r}))"
+            ),
+        )
+
     def start(self, port: int | None = None) -> Server:
         port = port or free_port()
         log = self.workdir / f"daphne-{port}-{len(self.servers)}.log"

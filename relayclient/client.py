@@ -1,0 +1,358 @@
+"""
+One tab of the protocol as an asyncio object: persistent client id, an outbox retried until the
+server says `sent`, deliveries processed once and in seq order, cumulative batched acks, resync
+over HTTP on a gap, reconnects with backoff and jitter, and HTTP when the socket stays down.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import websockets
+
+from relayclient.http import HttpSession
+
+logger = logging.getLogger(__name__)
+
+# Errors a retry cannot cure: the send is dropped from the outbox and its waiter fails.
+PERMANENT = {
+    "malformed",
+    "malformed_json",
+    "invalid_client_msg_id",
+    "invalid_to",
+    "invalid_room",
+    "invalid_body",
+    "body_too_large",
+    "unknown_user",
+    "unknown_room",
+    "not_a_member",
+}
+
+
+class SendFailed(Exception):
+    """
+    The server refused a send for good (its error code is `code`).
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class RelayClient:
+    """
+    One tab. `state` (a dict the caller may persist between runs, like a tab's sessionStorage)
+    holds client_id, last_seq and the outbox; `on_message(seq, message)` sees every delivery
+    once, in order.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        state: dict | None = None,
+        on_message: Callable[[int, dict], None] | None = None,
+        on_frame: Callable[[dict], None] | None = None,
+        ack_delay: float = 0.05,
+        http_fallback_after: float = 3.0,
+        ping_interval: float = 15.0,
+        backoff: tuple[float, float] = (0.1, 3.0),
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.ws_url = "ws" + self.base_url[4:]
+        self.username, self.password = username, password
+        self.http = HttpSession(self.base_url)
+        self.state = state if state is not None else {}
+        self.state.setdefault("last_seq", 0)
+        self.state.setdefault("outbox", {})
+        self.on_message = on_message
+        self.on_frame = on_frame
+        self.ack_delay, self.ping_interval = ack_delay, ping_interval
+        self.http_fallback_after, self.backoff = http_fallback_after, backoff
+        self.status = "offline"
+        self.ws: Any = None
+        self.head = 0
+        self.resync_required = False
+        self._acked = 0
+        self._ack_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+        self._down_since = 0.0
+        self._drop_deliveries = 0
+        self.stats = {"connects": 0, "resyncs": 0, "duplicates_dropped": 0, "http_sends": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str | None:
+        """
+        This tab's persistent client id.
+        """
+        return self.state.get("client_id")
+
+    @property
+    def last_seq(self) -> int:
+        """
+        The last seq processed.
+        """
+        return int(self.state["last_seq"])
+
+    async def start(self) -> None:
+        """
+        Log in, register a client if there is none yet, and keep a socket open in the background.
+        """
+        await self.http.login(self.username, self.password)
+        if not self.client_id:
+            await self._register()
+        self._down_since = asyncio.get_running_loop().time()
+        self._tasks = [
+            asyncio.create_task(self._connection_loop()),
+            asyncio.create_task(self._fallback_loop()),
+        ]
+
+    async def stop(self) -> None:
+        """
+        Stop the background work and close the socket (the client and its queue stay).
+        """
+        for task in [*self._tasks, self._ack_task]:
+            if task:
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        self.status = "offline"
+
+    async def _register(self) -> None:
+        status, body = await self.http.request("POST", "/api/clients/")
+        if status != 201:
+            raise RuntimeError(f"registering a client failed: {status} {body}")
+        self.state.update(client_id=body["client_id"], last_seq=0)
+        self._acked = 0
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def send(self, to: dict, body: Any, client_msg_id: str | None = None) -> str:
+        """
+        Queue a message in the outbox and send it if connected; returns its client_msg_id.
+        """
+        cmid = client_msg_id or uuid.uuid4().hex
+        self.state["outbox"][cmid] = {"to": to, "body": body}
+        self._waiters.setdefault(cmid, asyncio.get_running_loop().create_future())
+        if self.ws is not None and self.status == "online":
+            with contextlib.suppress(Exception):
+                await self._send_frame(cmid)
+        return cmid
+
+    async def wait_sent(self, cmid: str, timeout: float = 30) -> dict:
+        """
+        Wait until the server stored `cmid`: {"id", "duplicate"}; SendFailed if it refused.
+        """
+        future = self._waiters.setdefault(cmid, asyncio.get_running_loop().create_future())
+        return await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    async def _send_frame(self, cmid: str) -> None:
+        item = self.state["outbox"].get(cmid)
+        if item is not None:
+            await self.ws.send(json.dumps({"type": "send", "client_msg_id": cmid, **item}))
+
+    def _settle(self, cmid: str, result: dict | None = None, error: SendFailed | None = None):
+        self.state["outbox"].pop(cmid, None)
+        future = self._waiters.get(cmid)
+        if future is not None and not future.done():
+            if error is not None:
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody has to wait for it
+            else:
+                future.set_result(result)
+
+    # -- the socket -----------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        delay = self.backoff[0]
+        while True:
+            self.status = "connecting" if self.stats["connects"] == 0 else "reconnecting"
+            code = None
+            try:
+                url = f"{self.ws_url}/ws/?client_id={self.client_id}&after={self.last_seq}"
+                headers = {"Cookie": self.http.cookie_header(), "Origin": self.base_url}
+                async with websockets.connect(
+                    url, additional_headers=headers, max_size=2**21
+                ) as ws:
+                    self.ws = ws
+                    await self._session(ws)
+                    delay = self.backoff[0]
+            except websockets.ConnectionClosed as closed:
+                code = closed.rcvd.code if closed.rcvd else None
+            except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
+                logger.debug("connect failed: %s", exc)
+            finally:
+                self.ws = None
+                if self.status == "online":
+                    self._down_since = asyncio.get_running_loop().time()
+                self.status = "reconnecting"
+            if code in (4404, 4409):
+                # Deleted, or a duplicated tab whose id another tab holds: become a new tab.
+                logger.warning(
+                    "client %s closed with %s: registering a new client", self.client_id, code
+                )
+                await self._register()
+                delay = self.backoff[0]
+                continue
+            if code == 4401:
+                await self.http.login(self.username, self.password)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _session(self, ws: Any) -> None:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if hello.get("type") != "hello":
+            logger.warning("expected hello, got %r; reconnecting", hello)
+            return
+        self.status = "online"
+        self.stats["connects"] += 1
+        self.head = hello["head"]
+        self._acked = min(self._acked, self.last_seq)
+        if self.last_seq > self._acked:
+            await ws.send(json.dumps({"type": "ack", "seq": self.last_seq}))
+            self._acked = self.last_seq
+        for cmid in list(self.state["outbox"]):
+            await self._send_frame(cmid)
+        while True:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), self.ping_interval)
+            except TimeoutError:
+                await ws.send('{"type":"ping"}')
+                continue
+            await self._on_frame(json.loads(raw))
+
+    async def _on_frame(self, frame: dict) -> None:
+        kind = frame.get("type")
+        if kind == "delivery":
+            if self._drop_deliveries:
+                self._drop_deliveries -= 1  # a fault injected by a test or the chaos tool
+                return
+            await self._on_delivery(frame["seq"], frame["message"])
+        elif kind == "sent":
+            self._settle(
+                frame["client_msg_id"], {"id": frame["id"], "duplicate": frame["duplicate"]}
+            )
+        elif kind == "error":
+            code = frame.get("code")
+            if code == "resync_required":
+                self.resync_required = True
+            elif frame.get("client_msg_id") and code in PERMANENT:
+                self._settle(
+                    frame["client_msg_id"], error=SendFailed(code, str(frame.get("detail")))
+                )
+        elif kind == "pong":
+            self.head = frame["head"]
+            if self.head > self.last_seq:
+                await self._resync()
+        if self.on_frame is not None:
+            self.on_frame(frame)
+
+    async def _on_delivery(self, seq: int, message: dict) -> None:
+        if seq <= self.last_seq:
+            self.stats["duplicates_dropped"] += 1
+            return
+        if seq > self.last_seq + 1:
+            # A jump: fetch what is missing over HTTP. Live frames wait unread on the socket
+            # meanwhile and are dropped as duplicates afterwards if the resync covered them.
+            await self._resync()
+            if seq <= self.last_seq:
+                self.stats["duplicates_dropped"] += 1
+                return
+            if seq > self.last_seq + 1:
+                return  # still missing: the next pong or resync fills it in
+        self._accept(seq, message)
+
+    def _accept(self, seq: int, message: dict) -> None:
+        self.state["last_seq"] = seq
+        self.head = max(self.head, seq)
+        if self.on_message is not None:
+            self.on_message(seq, message)
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._ack_soon())
+
+    async def _ack_soon(self) -> None:
+        await asyncio.sleep(self.ack_delay)
+        seq = self.last_seq
+        if seq <= self._acked:
+            return
+        if self.ws is not None and self.status == "online":
+            with contextlib.suppress(Exception):
+                await self.ws.send(json.dumps({"type": "ack", "seq": seq}))
+                self._acked = seq
+        else:
+            status, _ = await self.http.request(
+                "POST", f"/api/clients/{self.client_id}/ack", {"seq": seq}
+            )
+            if status == 200:
+                self._acked = seq
+
+    async def _resync(self) -> None:
+        async with self._lock:
+            self.stats["resyncs"] += 1
+            while True:
+                status, page = await self.http.request(
+                    "GET", f"/api/clients/{self.client_id}/messages?after={self.last_seq}&limit=500"
+                )
+                if status != 200:
+                    return
+                self.head = page["head"]
+                self.resync_required = bool(page.get("resync_required"))
+                fresh = [d for d in page["deliveries"] if d["seq"] > self.last_seq]
+                for delivery in fresh:
+                    if delivery["seq"] != self.last_seq + 1:
+                        return  # a gap the server no longer holds (acked elsewhere)
+                    self._accept(delivery["seq"], delivery["message"])
+                if not fresh:
+                    return
+
+    # -- without a socket -----------------------------------------------------------------------
+
+    async def _fallback_loop(self) -> None:
+        """
+        While the socket has been down for http_fallback_after seconds: send the outbox and
+        pull deliveries over HTTP (real time is a bonus; delivery is not).
+        """
+        while True:
+            await asyncio.sleep(self.http_fallback_after / 2)
+            loop = asyncio.get_running_loop()
+            if self.status == "online" or loop.time() - self._down_since < self.http_fallback_after:
+                continue
+            for cmid, item in list(self.state["outbox"].items()):
+                status, body = await self.http.request(
+                    "POST",
+                    "/api/messages/",
+                    {"client_id": self.client_id, "client_msg_id": cmid, **item},
+                )
+                self.stats["http_sends"] += 1
+                if status in (200, 201):
+                    self._settle(cmid, {"id": body["id"], "duplicate": body["duplicate"]})
+                elif 400 <= status < 500 and status != 429 and body and "error" in body:
+                    code = body["error"]["code"]
+                    if code in PERMANENT:
+                        self._settle(cmid, error=SendFailed(code, body["error"]["detail"]))
+            await self._resync()
+            if self.last_seq > self._acked:
+                await self._ack_soon()
+
+    def inject_drop(self, count: int = 1) -> None:
+        """
+        Fault injection: lose the next `count` delivery frames in transit (as a full channel
+        layer would); the client must notice the gap and recover.
+        """
+        self._drop_deliveries += count

@@ -1,0 +1,136 @@
+"""The asyncio client against a real daphne: exactly once, in order, through faults."""
+
+import asyncio
+
+import pytest
+
+from relayclient import RelayClient, SendFailed
+from tests.servers import Deployment, free_port
+
+USERS = ("alice", "bob")
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    dep = Deployment(tmp_path, MESSAGING_SEND_RATE="None")
+    for name in USERS:
+        dep.create_user(name, f"{name}-pass-1")
+    dep.create_room("hall", list(USERS))
+    yield dep
+    dep.close()
+
+
+def tab(server, user: str, **kwargs) -> tuple[RelayClient, list]:
+    got: list = []
+    client = RelayClient(
+        server.base_url,
+        user,
+        f"{user}-pass-1",
+        on_message=lambda seq, m: got.append((seq, m["body"])),
+        **kwargs,
+    )
+    return client, got
+
+
+async def until(predicate, timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def bodies(got: list) -> list:
+    assert [seq for seq, _ in got] == list(range(1, len(got) + 1)), "seq gap or repeat"
+    return [body for _, body in got]
+
+
+async def test_room_messages_reach_every_tab_once_in_order(deployment):
+    """Three tabs (two of the sender) each process every room message once, in order."""
+    server = deployment.start()
+    tabs = [tab(server, u) for u in ("alice", "alice", "bob")]
+    for client, _ in tabs:
+        await client.start()
+    sender = tabs[0][0]
+    ids = [await sender.send({"room": "hall"}, i) for i in range(30)]
+    for cmid in ids:
+        assert (await sender.wait_sent(cmid))["duplicate"] is False
+    for _, got in tabs:
+        await until(lambda got=got: len(got) >= 30)
+    await asyncio.sleep(0.3)
+    for client, got in tabs:
+        assert bodies(got) == list(range(30))
+        await client.stop()
+
+
+async def test_lost_delivery_frames_are_recovered_by_resync(deployment):
+    """Delivery frames lost in transit are noticed by the seq jump and fetched over HTTP."""
+    server = deployment.start()
+    (alice, _), (bob, got) = tab(server, "alice"), tab(server, "bob")
+    await alice.start()
+    await bob.start()
+    await until(lambda: bob.status == "online")
+    bob.inject_drop(3)
+    for i in range(10):
+        await alice.wait_sent(await alice.send({"user": "bob"}, i))
+    await until(lambda: len(got) >= 10)
+    assert bodies(got) == list(range(10))
+    assert bob.stats["resyncs"] >= 1
+    await alice.stop()
+    await bob.stop()
+
+
+async def test_server_killed_and_restarted_mid_stream_loses_and_doubles_nothing(deployment):
+    """SIGKILL of the only server while a tab sends: after the restart the outbox is retried,
+    duplicates are discarded, and the receiver has every message exactly once, in order."""
+    port = free_port()
+    server = deployment.start(port)
+    (alice, _), (bob, got) = tab(server, "alice"), tab(server, "bob")
+    await alice.start()
+    await bob.start()
+    await until(lambda: alice.status == bob.status == "online")
+    ids = []
+    for i in range(40):
+        ids.append(await alice.send({"user": "bob"}, i))
+        if i == 15:
+            server.kill()
+            deployment.start(port)
+        await asyncio.sleep(0.01)
+    for cmid in ids:
+        await alice.wait_sent(cmid, timeout=30)
+    await until(lambda: len(got) >= 40, timeout=30)
+    await asyncio.sleep(0.5)
+    assert bodies(got) == list(range(40))
+    assert alice.state["outbox"] == {}
+    await alice.stop()
+    await bob.stop()
+
+
+async def test_without_a_socket_everything_goes_over_http(deployment):
+    """A tab whose socket can never connect still sends and receives every message once."""
+    server = deployment.start()
+    (alice, _), (bob, got) = tab(server, "alice"), tab(server, "bob", http_fallback_after=0.5)
+    bob.ws_url = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    await alice.start()
+    await bob.start()
+    for i in range(5):
+        await alice.wait_sent(await alice.send({"user": "bob"}, i))
+    reply = await bob.send({"user": "alice"}, "over http")
+    assert (await bob.wait_sent(reply, timeout=20))["duplicate"] is False
+    await until(lambda: len(got) >= 6)
+    assert bodies(got) == [0, 1, 2, 3, 4, "over http"]
+    assert bob.stats["http_sends"] >= 1
+    await alice.stop()
+    await bob.stop()
+
+
+async def test_a_refused_send_fails_its_waiter_and_leaves_the_outbox(deployment):
+    """A send the server refuses for good (unknown user) fails with its code, not retried."""
+    server = deployment.start()
+    alice, _ = tab(server, "alice")
+    await alice.start()
+    cmid = await alice.send({"user": "nobody"}, 1)
+    with pytest.raises(SendFailed) as failed:
+        await alice.wait_sent(cmid)
+    assert failed.value.code == "unknown_user"
+    assert cmid not in alice.state["outbox"]
+    await alice.stop()
