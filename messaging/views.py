@@ -1,5 +1,5 @@
 """
-The HTTP transport: the protocol's JSON API over Django session auth, plus the home page.
+The HTTP transport: the protocol's JSON API over Django session auth, plus the chat page.
 
 Views parse and call the service layer; errors from it become `{"error": {"code", "detail"}}`.
 """
@@ -14,7 +14,7 @@ from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
-from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
 
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError, TooLarge
@@ -180,8 +180,9 @@ def messages_collection(request: HttpRequest) -> HttpResponse:
     body = _object(request)
     if "body" not in body:
         raise Malformed("body is required", code="invalid_body")
-    if "client_id" not in body:
-        raise Malformed("client_id is required", code="invalid_client_id")
+    if not isinstance(body.get("client_id"), str):
+        # A string that names no client is 404 below; anything else is not a client id at all.
+        raise Malformed("client_id must be a client UUID string", code="invalid_client_id")
     result = services.send_message(
         request.user, body["client_id"], body.get("client_msg_id"), body.get("to"), body["body"]
     )
@@ -258,8 +259,10 @@ def server_error(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@ensure_csrf_cookie
 def home(request: HttpRequest) -> HttpResponse:
     """
-    The landing page for people: who is logged in, and where to go.
+    The chat page (messaging/static/messaging/chat.js over relay.js); the CSRF cookie is set
+    for the page's fetch calls and its close beacon.
     """
     return render(request, "messaging/home.html")

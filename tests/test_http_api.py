@@ -1005,15 +1005,22 @@ def test_unknown_or_non_uuid_client_is_404(world, alice, endpoint, bad_id):
     assert state() == before
 
 
-@pytest.mark.parametrize(
-    "client_id", [5, None, True, [], {"id": 1}, "", "\x00", "\ud800"], ids=repr
-)
-def test_send_with_a_client_id_of_the_wrong_type_never_500s(alice, client_id):
-    """A client_id that is not a string naming a client is refused (404 unknown_client)."""
+@pytest.mark.parametrize("client_id", ["", "\x00", "\ud800", "abc"], ids=repr)
+def test_send_with_a_client_id_string_naming_no_client_is_404(alice, client_id):
+    """A client_id string that names no client is 404 unknown_client."""
     http = http_as(alice)
     register(http)
     payload = valid_send("") | {"client_id": client_id}
     error_of(api_post(http, "/api/messages/", payload), 404, "unknown_client")
+
+
+@pytest.mark.parametrize("client_id", [5, None, True, [], {"id": 1}], ids=repr)
+def test_send_with_a_client_id_of_the_wrong_type_is_400(alice, client_id):
+    """A client_id that is not a string is malformed: 400 invalid_client_id, never a 500."""
+    http = http_as(alice)
+    register(http)
+    payload = valid_send("") | {"client_id": client_id}
+    error_of(api_post(http, "/api/messages/", payload), 400, "invalid_client_id")
 
 
 @pytest.mark.parametrize(

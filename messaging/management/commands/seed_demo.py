@@ -40,6 +40,4 @@ class Command(BaseCommand):
                     f"Created demo users {', '.join(created)} (password = user name)."
                 )
             )
-        self.stdout.write(
-            "Demo logins: admin/admin, alice/alice, bob/bob."
-        )
+        self.stdout.write("Demo logins: admin/admin, alice/alice, bob/bob.")

@@ -1,0 +1,484 @@
+// The chat page: rooms, history over HTTP, live messages over RelayClient, pending/sent marks,
+// connection state, presence and typing. Text is only ever rendered with textContent.
+
+import { HttpError, RelayClient } from "./relay.js";
+
+const me = JSON.parse(document.getElementById("chat-user").textContent);
+const $ = (id) => document.getElementById(id);
+
+const STATE_LABELS = {
+  connecting: "Connecting…",
+  online: "Online",
+  reconnecting: "Reconnecting…",
+  offline: "Offline",
+};
+const TYPING_SHOWN_MS = 4000;
+const TYPING_SEND_EVERY_MS = 2500;
+const GROUP_WITHIN_MS = 5 * 60 * 1000;
+
+const relay = new RelayClient();
+const rooms = new Map(); // name -> {name, members, messages: Map(id -> message), loaded, unread}
+const pending = new Map(); // client_msg_id -> outbox entry (with .failed when refused)
+const online = new Set(); // other users online (presence frames)
+const typers = new Map(); // room -> Map(user -> shown until)
+let current = null;
+let lastTypingSent = 0;
+
+// For tests and curious developers: the library and what this page received, in order.
+window.relay = relay;
+window.chat = { received: [], rooms, pending, online };
+
+// -- the store ------------------------------------------------------------------------------------
+
+function room(name) {
+  if (!rooms.has(name)) {
+    rooms.set(name, { name, members: [], messages: new Map(), loaded: false, unread: 0 });
+  }
+  return rooms.get(name);
+}
+
+function upsert(message) {
+  const name = message.to?.room;
+  if (!name) return false; // direct messages are not shown on this page
+  const target = room(name);
+  const known = target.messages.has(message.id);
+  target.messages.set(message.id, message);
+  return !known;
+}
+
+function textOf(body) {
+  if (body && typeof body === "object" && typeof body.text === "string") return body.text;
+  return JSON.stringify(body);
+}
+
+// -- rendering ------------------------------------------------------------------------------------
+
+function initials(name) {
+  return (name || "?").slice(0, 1).toUpperCase();
+}
+
+function hue(name) {
+  let h = 0;
+  for (const ch of name || "") h = (h * 31 + ch.charCodeAt(0)) % 360;
+  return h;
+}
+
+function avatar(name, extraClass = "") {
+  const el = document.createElement("span");
+  el.className = `avatar ${extraClass}`.trim();
+  el.textContent = initials(name);
+  el.style.setProperty("--hue", hue(name));
+  el.setAttribute("aria-hidden", "true");
+  return el;
+}
+
+function timeOf(iso) {
+  const date = iso ? new Date(iso) : new Date();
+  return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function renderMessages() {
+  const list = $("messages");
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  list.replaceChildren();
+  if (!current) {
+    const empty = document.createElement("div");
+    empty.className = "empty";
+    empty.textContent = "Join or create a room to start talking.";
+    list.append(empty);
+    return;
+  }
+  const target = room(current);
+  const items = [...target.messages.values()].sort((a, b) => a.id - b.id).map((m) => ({
+    id: m.id,
+    user: m.from.user,
+    body: m.body,
+    created: m.created,
+    mark: m.from.user === me ? "sent" : null,
+  }));
+  for (const entry of pending.values()) {
+    if (entry.to.room !== current) continue;
+    items.push({
+      cmid: entry.client_msg_id,
+      user: me,
+      body: entry.body,
+      created: entry.created,
+      mark: entry.failed ? "failed" : "pending",
+    });
+  }
+  if (items.length === 0) {
+    const empty = document.createElement("div");
+    empty.className = "empty";
+    empty.textContent = `No messages in #${current} yet. Say hello!`;
+    list.append(empty);
+  }
+  let previous = null;
+  for (const item of items) {
+    const row = document.createElement("div");
+    row.className = "msg";
+    if (item.user === me) row.classList.add("own");
+    if (item.mark) row.classList.add(item.mark);
+    if (item.id !== undefined) row.dataset.id = item.id;
+    if (item.cmid) row.dataset.cmid = item.cmid;
+    const grouped =
+      previous &&
+      previous.user === item.user &&
+      Math.abs(new Date(item.created) - new Date(previous.created)) < GROUP_WITHIN_MS;
+    if (grouped) {
+      row.classList.add("cont");
+      const gutter = document.createElement("span");
+      gutter.className = "gutter";
+      row.append(gutter);
+    } else {
+      row.append(avatar(item.user));
+    }
+    const content = document.createElement("div");
+    content.className = "content";
+    if (!grouped) {
+      const meta = document.createElement("div");
+      meta.className = "meta";
+      const author = document.createElement("span");
+      author.className = "author";
+      author.textContent = item.user;
+      const time = document.createElement("time");
+      time.textContent = timeOf(item.created);
+      if (item.created) time.dateTime = item.created;
+      meta.append(author, time);
+      content.append(meta);
+    }
+    const line = document.createElement("div");
+    line.className = "line";
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = textOf(item.body);
+    line.append(text);
+    if (item.mark) {
+      const mark = document.createElement("span");
+      mark.className = "mark";
+      mark.textContent = { sent: "✓ Sent", pending: "◷ Sending", failed: "⚠ Not sent" }[item.mark];
+      mark.title = {
+        sent: "Stored by the server",
+        pending: "Kept in this tab until the server confirms it",
+        failed: "The server refused this message",
+      }[item.mark];
+      line.append(mark);
+    }
+    content.append(line);
+    row.append(content);
+    list.append(row);
+    previous = item;
+  }
+  if (nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function renderRooms() {
+  const list = $("rooms");
+  list.replaceChildren();
+  for (const r of [...rooms.values()].sort((a, b) => a.name.localeCompare(b.name))) {
+    const item = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = `#${encodeURIComponent(r.name)}`;
+    link.className = "room-link";
+    if (r.name === current) link.classList.add("active");
+    const label = document.createElement("span");
+    label.textContent = `# ${r.name}`;
+    link.append(label);
+    if (r.unread && r.name !== current) {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = String(r.unread);
+      link.append(badge);
+    }
+    item.append(link);
+    list.append(item);
+  }
+}
+
+function renderPeople() {
+  const list = $("people");
+  list.replaceChildren();
+  const members = current ? room(current).members : [];
+  const sorted = [...members].sort((a, b) => {
+    const rank = (n) => (n === me ? 0 : online.has(n) ? 1 : 2);
+    return rank(a) - rank(b) || a.localeCompare(b);
+  });
+  for (const name of sorted) {
+    const isOnline = name === me ? relay.state === "online" : online.has(name);
+    const item = document.createElement("li");
+    item.className = isOnline ? "person online" : "person";
+    item.dataset.user = name;
+    item.append(avatar(name, "small"));
+    const label = document.createElement("span");
+    label.className = "person-name";
+    label.textContent = name === me ? `${name} (you)` : name;
+    const dot = document.createElement("span");
+    dot.className = "presence-dot";
+    dot.title = isOnline ? "online" : "offline";
+    item.append(label, dot);
+    list.append(item);
+  }
+}
+
+function renderHeader() {
+  $("room-title").textContent = current ? `# ${current}` : "No room yet";
+  const members = current ? room(current).members.length : 0;
+  $("room-sub").textContent = current ? `${members} member${members === 1 ? "" : "s"}` : "";
+  const input = $("composer-input");
+  input.disabled = !current;
+  $("composer-send").disabled = !current;
+  input.placeholder = current ? `Message #${current}` : "Pick a room first";
+  const count = relay.pending().length;
+  const badge = $("outbox-count");
+  badge.hidden = count === 0;
+  badge.textContent = `${count} waiting to send`;
+}
+
+function renderTyping() {
+  const now = Date.now();
+  const names = [...(typers.get(current) ?? new Map()).entries()]
+    .filter(([, until]) => until > now)
+    .map(([name]) => name);
+  const el = $("typing");
+  el.replaceChildren();
+  if (names.length === 0) return;
+  const dots = document.createElement("span");
+  dots.className = "typing-dots";
+  dots.append(document.createElement("i"), document.createElement("i"), document.createElement("i"));
+  const text = document.createElement("span");
+  text.textContent =
+    names.length === 1 ? `${names[0]} is typing…` : `${names.join(", ")} are typing…`;
+  el.append(dots, text);
+}
+
+function renderState() {
+  const el = $("conn-state");
+  el.dataset.state = relay.state;
+  el.querySelector(".conn-label").textContent = STATE_LABELS[relay.state] ?? relay.state;
+  renderPeople();
+}
+
+function render() {
+  renderRooms();
+  renderHeader();
+  renderMessages();
+  renderPeople();
+  renderTyping();
+}
+
+function showBanner(text) {
+  const banner = $("banner");
+  banner.hidden = !text;
+  banner.textContent = text ?? "";
+}
+
+// -- loading --------------------------------------------------------------------------------------
+
+async function withRetry(task) {
+  for (let delay = 500; ; delay = Math.min(delay * 2, 8000)) {
+    try {
+      return await task();
+    } catch (error) {
+      if (error instanceof HttpError && error.status < 500 && error.status !== 429) throw error;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+async function loadRooms() {
+  const answer = await withRetry(() => relay.request("GET", "/api/rooms/"));
+  for (const r of answer.rooms) room(r.name).members = r.members;
+}
+
+const historyLoads = new Map(); // room -> in-flight load, so two callers share one request
+
+function loadHistory(name) {
+  if (!historyLoads.has(name)) {
+    historyLoads.set(
+      name,
+      fetchHistory(name).finally(() => historyLoads.delete(name)),
+    );
+  }
+  return historyLoads.get(name);
+}
+
+async function fetchHistory(name) {
+  const answer = await withRetry(() =>
+    relay.request("GET", `/api/rooms/${encodeURIComponent(name)}/messages?limit=100`),
+  );
+  const target = room(name);
+  for (const message of answer.messages) upsert(message);
+  target.loaded = true;
+  if (name === current) renderMessages();
+}
+
+async function select(name) {
+  if (!name || !rooms.has(name)) return;
+  current = name;
+  room(name).unread = 0;
+  render();
+  if (!room(name).loaded) await loadHistory(name);
+}
+
+async function joinOrCreate(name) {
+  const path = `/api/rooms/${encodeURIComponent(name)}/join`;
+  let answer;
+  try {
+    answer = await relay.request("POST", path);
+  } catch (error) {
+    if (!(error instanceof HttpError) || error.status !== 404) throw error;
+    answer = await relay.request("POST", "/api/rooms/", { name });
+  }
+  room(answer.name).members = answer.members;
+  if (window.location.hash.slice(1) !== encodeURIComponent(answer.name)) {
+    window.location.hash = encodeURIComponent(answer.name); // hashchange selects it
+  } else {
+    await select(answer.name);
+  }
+}
+
+// -- relay events ---------------------------------------------------------------------------------
+
+relay.on("state", ({ state, previous }) => {
+  // Presence is unknown without a socket; the server sends it again at every connect.
+  if (previous === "online") online.clear();
+  renderState();
+  if (state === "online") showBanner(null);
+});
+
+relay.on("message", (message) => {
+  window.chat.received.push(message.id);
+  const name = message.to?.room;
+  if (!name) return;
+  const isNew = upsert(message);
+  const target = room(name);
+  if (isNew && name !== current && message.from.user !== me) target.unread += 1;
+  if (!target.members.includes(message.from.user)) target.members.push(message.from.user);
+  if (name === current) {
+    // Someone who sent a message has stopped typing.
+    typers.get(name)?.delete(message.from.user);
+    renderMessages();
+    renderTyping();
+  } else {
+    renderRooms();
+  }
+});
+
+relay.on("pending", (entry) => {
+  pending.set(entry.client_msg_id, entry);
+  renderMessages();
+  renderHeader();
+});
+
+relay.on("sent", (entry) => {
+  pending.delete(entry.client_msg_id);
+  // The delivery of this message to this tab may come before or after this answer; by id
+  // they are one message.
+  if (entry.to.room && !room(entry.to.room).messages.has(entry.id)) {
+    upsert({
+      id: entry.id,
+      from: { user: me, client_id: entry.client_id },
+      to: entry.to,
+      body: entry.body,
+      created: entry.created,
+    });
+  }
+  renderMessages();
+  renderHeader();
+});
+
+relay.on("failed", (entry) => {
+  pending.set(entry.client_msg_id, { ...entry, failed: true });
+  renderMessages();
+  renderHeader();
+});
+
+relay.on("presence", ({ user, online: isOnline }) => {
+  if (isOnline) online.add(user);
+  else online.delete(user);
+  renderPeople();
+});
+
+relay.on("typing", ({ room: name, user }) => {
+  if (!typers.has(name)) typers.set(name, new Map());
+  typers.get(name).set(user, Date.now() + TYPING_SHOWN_MS);
+  if (name === current) renderTyping();
+});
+
+relay.on("resync", () => {
+  // This tab's queue may not hold everything (a new client, a queue limit): reload history.
+  for (const r of rooms.values()) if (r.loaded) loadHistory(r.name);
+});
+
+relay.on("client", ({ reason }) => {
+  if (reason === "duplicated") {
+    showBanner("This tab was duplicated, so it now has a client of its own.");
+  }
+});
+
+relay.on("loggedout", () => {
+  showBanner("You have been logged out. Reload the page to log in again.");
+  $("composer-input").disabled = true;
+  $("composer-send").disabled = true;
+});
+
+// -- the page's own events ------------------------------------------------------------------------
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = $("composer-input");
+  const text = input.value.trim();
+  if (!text || !current) return;
+  relay.send({ room: current }, { text });
+  input.value = "";
+  lastTypingSent = 0;
+  input.focus();
+});
+
+$("composer-input").addEventListener("input", () => {
+  const now = Date.now();
+  if (current && now - lastTypingSent > TYPING_SEND_EVERY_MS) {
+    lastTypingSent = now;
+    relay.typing(current);
+  }
+});
+
+$("join-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("join-name");
+  const name = input.value.trim();
+  $("join-error").textContent = "";
+  if (!name) return;
+  try {
+    await joinOrCreate(name);
+    input.value = "";
+  } catch (error) {
+    $("join-error").textContent =
+      error instanceof HttpError ? `Could not join: ${error.code}` : "Could not reach the server";
+  }
+});
+
+window.addEventListener("hashchange", () => {
+  select(decodeURIComponent(window.location.hash.slice(1)));
+});
+
+setInterval(renderTyping, 1000);
+
+// -- start ----------------------------------------------------------------------------------------
+
+async function start() {
+  const meAvatar = $("me-avatar");
+  meAvatar.textContent = initials(me);
+  meAvatar.style.setProperty("--hue", hue(me));
+  for (const entry of relay.pending()) pending.set(entry.client_msg_id, entry);
+  render();
+  // Registered before history is read: every later message is in this tab's queue, and
+  // anything in both is one message by id.
+  await relay.connect();
+  await loadRooms();
+  const wanted = decodeURIComponent(window.location.hash.slice(1));
+  const first = rooms.has(wanted) ? wanted : [...rooms.keys()].sort()[0];
+  if (first) await select(first);
+  else render();
+}
+
+start();
