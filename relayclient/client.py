@@ -342,7 +342,12 @@ class RelayClient:
                 self.stats["http_sends"] += 1
                 if status in (200, 201):
                     self._settle(cmid, {"id": body["id"], "duplicate": body["duplicate"]})
-                elif 400 <= status < 500 and status != 429 and body and "error" in body:
+                elif (
+                    400 <= status < 500
+                    and status != 429
+                    and isinstance(body, dict)
+                    and "error" in body
+                ):
                     code = body["error"]["code"]
                     if code in PERMANENT:
                         self._settle(cmid, error=SendFailed(code, body["error"]["detail"]))

@@ -34,7 +34,8 @@ class HttpSession:
 
     def request_sync(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
         """
-        Make one JSON call; returns (status, decoded JSON body or None).
+        Make one JSON call; returns (status, the decoded JSON body, the text of a non-JSON body,
+        or None for an empty one).
         """
         data = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", "Referer": self.base_url + "/"}
@@ -52,7 +53,7 @@ class HttpSession:
         try:
             return status, json.loads(body) if body else None
         except ValueError:
-            return status, None
+            return status, body.decode(errors="replace")
 
     async def request(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
         """

@@ -6,19 +6,17 @@ On the defaults it uses a fresh SQLite file and the in-memory layer; with DATABA
 REDIS_URL set it creates a fresh PostgreSQL database and a fresh Redis prefix, and drops them.
 """
 
-import http.cookiejar
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from relayclient.http import HttpSession
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,61 +171,14 @@ class Deployment:
                 conn.delete(*keys)
 
 
-class Session:
+class Session(HttpSession):
     """
-    A logged-in browser-like HTTP session against a real server (cookies, CSRF header).
+    A logged-in browser-like HTTP session against a real server (the client library's own
+    session, with blocking calls for tests).
     """
 
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
-
-    def cookie(self, name: str) -> str | None:
-        return next((c.value for c in self.jar if c.name == name), None)
-
-    def request(self, method: str, path: str, payload=None, headers=None) -> tuple[int, object]:
-        data = None if payload is None else json.dumps(payload).encode()
-        hdrs = {
-            "Content-Type": "application/json",
-            "Referer": self.base_url + "/",
-            **(headers or {}),
-        }
-        token = self.cookie("csrftoken")
-        if token:
-            hdrs["X-CSRFToken"] = token
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=hdrs)
-        try:
-            with self.opener.open(req, timeout=30) as resp:
-                body = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as err:
-            body, status = err.read(), err.code
-        try:
-            return status, json.loads(body) if body else None
-        except ValueError:
-            return status, body.decode(errors="replace")
-
-    def login(self, username: str, password: str) -> None:
-        status, _ = self.request("GET", "/accounts/login/")
-        assert status == 200
-        form = urllib.parse.urlencode(
-            {
-                "username": username,
-                "password": password,
-                "csrfmiddlewaretoken": self.cookie("csrftoken"),
-            }
-        ).encode()
-        req = urllib.request.Request(
-            self.base_url + "/accounts/login/",
-            data=form,
-            method="POST",
-            headers={"Referer": self.base_url + "/accounts/login/"},
-        )
-        with self.opener.open(req, timeout=30) as resp:
-            assert resp.status == 200
-        assert self.cookie("sessionid"), "login failed"
+    request = HttpSession.request_sync  # type: ignore[assignment]
+    login = HttpSession.login_sync  # type: ignore[assignment]
 
     def ws_headers(self) -> dict[str, str]:
-        cookies = "; ".join(f"{c.name}={c.value}" for c in self.jar)
-        return {"Cookie": cookies, "Origin": self.base_url}
+        return {"Cookie": self.cookie_header(), "Origin": self.base_url}
