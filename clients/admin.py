@@ -1,7 +1,7 @@
 """The admin as an operator's tool: tabs, their sockets and queues, and the server processes."""
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -9,7 +9,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from clients import conf, services
-from clients.models import Client, ServerProcess
+from clients.models import Client, ClientQuerySet, ServerProcess
 
 
 class ConnectedFilter(admin.SimpleListFilter):
@@ -25,9 +25,9 @@ class ConnectedFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet | None:
         if self.value() == "yes":
-            return queryset.exclude(channel_name="")
+            return cast(ClientQuerySet, queryset).connected()
         if self.value() == "no":
-            return queryset.filter(channel_name="")
+            return cast(ClientQuerySet, queryset).disconnected()
         return None
 
 

@@ -71,7 +71,7 @@ def heal_dead_processes(now: datetime, *, dry_run: bool = False) -> tuple[list[s
     dead = dead_processes(now)
     detached: list = []
     for process in dead:
-        held = Client.objects.filter(server=process.id).exclude(channel_name="")
+        held = Client.objects.filter(server=process.id).connected()
         if dry_run:
             detached.extend(held.values_list("id", "user_id"))
             continue
@@ -83,7 +83,7 @@ def heal_dead_processes(now: datetime, *, dry_run: bool = False) -> tuple[list[s
             ServerProcess.objects.filter(pk=process.pk, heartbeat_at__lt=now).delete()
         detached.extend(pairs)
         for user_id in {uid for _, uid in pairs}:
-            if not Client.objects.filter(user_id=user_id).exclude(channel_name="").exists():
+            if not Client.objects.filter(user_id=user_id).connected().exists():
                 presence_changed.send(sender=Client, user_id=user_id, online=False)
         logger.warning(
             "server process %s stopped heart-beating at %s; %d socket(s) marked disconnected",

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from clients.models import Client, Lease, ServerProcess
+from clients.models import Lease, ServerProcess
 
 # This process's identity in ServerProcess and Client.server.
 PROCESS_ID = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -31,16 +31,6 @@ def heartbeat(now: datetime | None = None) -> None:
                 "heartbeat_at": now,
             },
         )
-
-
-def forget_this_process() -> None:
-    """
-    On a clean shutdown: this process's sockets are gone, and so is its row.
-    """
-    Client.objects.filter(server=PROCESS_ID).exclude(channel_name="").update(
-        channel_name="", server="", last_seen_at=timezone.now()
-    )
-    ServerProcess.objects.filter(pk=PROCESS_ID).delete()
 
 
 def take_lease(name: str, seconds: float, now: datetime | None = None) -> bool:

@@ -100,12 +100,7 @@ def _lock_user(user_id: int) -> None:
 
 
 def _connected_elsewhere(user_id: int, client_id: uuid.UUID | str) -> bool:
-    return (
-        Client.objects.filter(user_id=user_id)
-        .exclude(channel_name="")
-        .exclude(pk=client_id)
-        .exists()
-    )
+    return Client.objects.filter(user_id=user_id).connected().exclude(pk=client_id).exists()
 
 
 def _announce(user_id: int, online: bool) -> None:
@@ -177,29 +172,22 @@ def delete_client(user: AnyUser | None, client_id: object) -> None:
     """
     with transaction.atomic():
         client = get_own_client(user, client_id, for_update=True)
-        if client.channel_name and not _connected_elsewhere(client.user_id, client.pk):
-            _announce(client.user_id, False)
-        client.delete()
-        group_send_after_commit([(client_group(client_id), {"type": "clients.deleted"})])
-    logger.info("client %s deleted by its user", client_id)
+        delete_clients([client.pk], by="its user")
 
 
 def kick_clients(client_ids: list) -> int:
     """
     Close the sockets of these clients (an operator's action); the tabs reconnect and resume.
     """
-    ids = list(
-        Client.objects.filter(id__in=client_ids)
-        .exclude(channel_name="")
-        .values_list("id", flat=True)
-    )
+    ids = list(Client.objects.filter(id__in=client_ids).connected().values_list("id", flat=True))
     group_send_after_commit([(client_group(cid), {"type": "clients.kick"}) for cid in ids])
     return len(ids)
 
 
-def delete_clients(client_ids: list) -> int:
+def delete_clients(client_ids: list, *, by: str = "an operator") -> int:
     """
-    Delete these clients and their queues (an operator's action); open sockets close with 4404.
+    Delete these clients and their queues now; open sockets close with 4404, and users left
+    without a socket are announced offline.
     """
     with transaction.atomic():
         rows = list(
@@ -213,5 +201,5 @@ def delete_clients(client_ids: list) -> int:
                 _announce(user_id, False)
         Client.objects.filter(id__in=[r[0] for r in rows]).delete()
         group_send_after_commit([(client_group(r[0]), {"type": "clients.deleted"}) for r in rows])
-    logger.info("%d client(s) deleted by an operator", len(rows))
+    logger.info("%d client(s) deleted by %s", len(rows), by)
     return len(rows)

@@ -34,6 +34,15 @@ def get(name: str) -> Any:
 
 def max_frame_bytes() -> int:
     """
-    The largest WebSocket frame or HTTP request body accepted: a body plus room for the envelope.
+    A frame carrying a body of the largest size, compactly encoded, with room for the envelope.
     """
     return int(get("MESSAGING_MAX_BODY_BYTES")) + 4096
+
+
+def max_request_bytes() -> int:
+    """
+    The largest HTTP request body read. The body limit counts compact UTF-8, but a request may
+    spell the body with \\uXXXX escapes (up to 6 bytes per byte), so a body within the limit is
+    never refused for how it is escaped; the body itself is measured exactly by validation.
+    """
+    return 6 * int(get("MESSAGING_MAX_BODY_BYTES")) + 4096

@@ -39,7 +39,7 @@ def online_peers(user_id: int) -> list[str]:
     """
     online = (
         Client.objects.filter(user_id__in=audience(user_id))
-        .exclude(channel_name="")
+        .connected()
         .values_list("user__username", flat=True)
         .distinct()
     )

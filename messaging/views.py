@@ -76,17 +76,9 @@ def api(*methods: str) -> Callable:
     return decorate
 
 
-def _max_request_bytes() -> int:
-    # The body limit counts a body's compact UTF-8 size, but a request may spell it with \uXXXX
-    # escapes (json.dumps does by default: up to 3 bytes per UTF-8 byte, 6 for escaped ASCII):
-    # a body within the limit must not be refused for how the request escapes it. The body
-    # itself is measured exactly by validation.body_json.
-    return 6 * int(conf.get("MESSAGING_MAX_BODY_BYTES")) + 4096
-
-
 def _check_size(request: HttpRequest) -> None:
     # Django itself would answer 400, and only past 2.5 MiB: the 413 must come from here.
-    limit = _max_request_bytes()
+    limit = conf.max_request_bytes()
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -103,7 +95,7 @@ def _object(request: HttpRequest) -> dict:
         raw = request.body
     except RequestDataTooBig:
         raise TooLarge("request body too large", code="body_too_large") from None
-    if len(raw) > _max_request_bytes():
+    if len(raw) > conf.max_request_bytes():
         raise TooLarge("request body too large", code="body_too_large")
     body = parse_json(raw) if raw.strip() else None
     if not isinstance(body, dict):

@@ -6,7 +6,6 @@ DATABASE_URL / REDIS_URL set, against real PostgreSQL and Redis servers.
 """
 
 import json
-import os
 import uuid
 
 import pytest
@@ -104,6 +103,7 @@ class Tab:
         self.comm = communicator
         self.client_id = client_id
         self.hello: dict | None = None
+        self.skipped: list[dict] = []
 
     async def recv(self, timeout: float = TIMEOUT) -> dict:
         return await self.comm.receive_json_from(timeout=timeout)
@@ -126,8 +126,6 @@ class Tab:
             if frame["type"] == kind:
                 return frame
             self.skipped.append(frame)
-
-    skipped: list
 
     async def deliveries(self, count: int, timeout: float = TIMEOUT) -> list[dict]:
         frames = []
@@ -165,7 +163,6 @@ async def connect_tab(user, client_id: str, after: int = 0) -> Tab:
     Open a socket for `client_id` and read its hello frame.
     """
     tab = Tab(await open_ws(user, f"client_id={client_id}&after={after}"), client_id)
-    tab.skipped = []
     tab.hello = await tab.recv()
     assert tab.hello["type"] == "hello", tab.hello
     return tab
@@ -192,9 +189,3 @@ def new_client(user) -> str:
 
 def random_id() -> str:
     return str(uuid.uuid4())
-
-
-def requires_services() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or bool(
-        os.environ.get("REQUIRE_SERVICES")
-    )
