@@ -95,8 +95,12 @@ class Attachment:
 
 def _lock_user(user_id: int) -> None:
     # Serialises attach/detach per user, so "first socket" and "last socket" are decided once
-    # even when two tabs connect or leave at the same moment on different processes.
-    list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk"))
+    # even when two tabs connect or leave at the same moment on different processes. NO KEY:
+    # a plain FOR UPDATE would also block the FOR KEY SHARE that a concurrent send's message
+    # insert takes on the user row (its foreign key) while that send holds the client rows this
+    # transaction waits for: a deadlock, and a failed send.
+    users = get_user_model().objects.select_for_update(no_key=True).filter(pk=user_id)
+    list(users.values_list("pk"))
 
 
 def _connected_elsewhere(user_id: int, client_id: uuid.UUID | str) -> bool:

@@ -148,3 +148,30 @@ def test_acks_racing_sends_never_delete_unacked_deliveries(alice, bob):
     final_ack = max(acked)
     remaining = [s for s, _ in queues()[str(a.pk)]]
     assert remaining == list(range(final_ack + 1, 61))
+
+
+def test_tabs_connecting_and_leaving_while_messages_arrive_never_deadlock(alice, bob):
+    """Attach/detach of a user's tabs racing sends to that user: every send succeeds (on
+    PostgreSQL a FOR UPDATE user lock here deadlocked against the message insert's foreign key)."""
+    from clients.services import attach, detach
+
+    a = register_client(alice)
+    tabs = [register_client(bob) for _ in range(2)]
+
+    def send():
+        for i in range(60):
+            services.send_message(alice, a.pk, f"m{i}", {"user": "bob"}, i)
+
+    def flap(client):
+        def go():
+            for i in range(60):
+                attach(bob, client.pk, f"specific.t!{client.pk}-{i}")
+                detach(client.pk, f"specific.t!{client.pk}-{i}")
+
+        return go
+
+    errors = run_threads([send, *(flap(c) for c in tabs)])
+    assert errors == []
+    assert Message.objects.count() == 60
+    for client in tabs:
+        assert [s for s, _ in queues()[str(client.pk)]] == list(range(1, 61))

@@ -131,19 +131,21 @@ async def test_reconnect_to_the_other_process_resumes_exactly(deployment):
     bob = new_tab(login(a, "bob"))
     await bob.connect(a)
     for i in range(5):
-        sender.request(
+        status, _ = sender.request(
             "POST",
             "/api/messages/",
             {"client_id": sender_id, "client_msg_id": str(i), "to": {"user": "bob"}, "body": i},
         )
+        assert status == 201
     assert await bob.collect(5) == [0, 1, 2, 3, 4]
     await bob.close()
     for i in range(5, 9):
-        sender.request(
+        status, _ = sender.request(
             "POST",
             "/api/messages/",
             {"client_id": sender_id, "client_msg_id": str(i), "to": {"user": "bob"}, "body": i},
         )
+        assert status == 201
     hello = await bob.connect(b)
     assert hello["head"] == 9
     assert await bob.collect(4) == [5, 6, 7, 8]
