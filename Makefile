@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install cluster
+.PHONY: run test lint install cluster chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: $(STAMP)
 N ?= 2
 cluster: $(STAMP)
 	bash scripts/cluster $(N)
+
+# The long chaos run of the README (2 daphne processes on PostgreSQL + a private redis-server,
+# 200 tabs, 5,000 messages, every fault); more: make chaos CHAOS_ARGS="--messages 20000 --seed 9"
+CHAOS_ARGS ?=
+chaos: $(STAMP)
+	bash scripts/services
+	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
+		$(BIN)/python -m chaos --tabs 200 --processes 2 --messages 5000 $(CHAOS_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

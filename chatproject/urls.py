@@ -21,5 +21,6 @@ urlpatterns = [
     path("", views.home, name="home"),
 ]
 
+handler400 = "messaging.views.bad_request"
 handler404 = "messaging.views.not_found"
 handler500 = "messaging.views.server_error"

@@ -73,6 +73,14 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class Superseded(Conflict):
+    """
+    A newer connection attempt of the same tab holds the client: this one is a stale attempt.
+    """
+
+    code = "superseded"
+
+
 class TooLarge(ServiceError):
     """
     A body or frame over the configured size limit.

@@ -45,6 +45,9 @@ class Client(models.Model):
     # be told from live ones.
     server = models.CharField(max_length=64, blank=True, default="")
     connected_at = models.DateTimeField(null=True, blank=True)
+    # The highest connection attempt number (`conn`) the tab has attached with: an older
+    # attempt that reaches the server late is refused instead of superseding the newer socket.
+    last_attempt = models.PositiveBigIntegerField(default=0)
     # Set by the pagehide beacon; cleared when the tab connects again.
     closing_at = models.DateTimeField(null=True, blank=True)
     head = models.PositiveBigIntegerField(default=0)

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
+from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -30,15 +31,45 @@ def group_send_now(events: list[GroupEvent]) -> None:
     """
     Send each (group, event) now, from synchronous code; failures are logged, never raised.
     """
-    layer = get_channel_layer()
-    if layer is None or not events:
-        return
-    try:
-        async_to_sync(_group_send_all)(layer, events)
-    except Exception:
-        logger.exception("channel layer push of %d event(s) failed", len(events))
+    _push(_group_send_all, events)
 
 
 async def _group_send_all(layer, events: list[GroupEvent]) -> None:
     for group, event in events:
         await layer.group_send(group, event)
+
+
+def channel_send_after_commit(events: Iterable[tuple[str, dict]]) -> None:
+    """
+    Send each (channel name, event) once the current transaction commits (at once outside one).
+    """
+    batch = list(events)
+    if batch:
+        transaction.on_commit(lambda: channel_send_now(batch))
+
+
+def channel_send_now(events: list[tuple[str, dict]]) -> None:
+    """
+    Send each (channel name, event) now; a full channel (a consumer that stopped reading) is
+    skipped, other failures are logged, never raised.
+    """
+    _push(_channel_send_all, events)
+
+
+def _push(send_all, events: list[tuple[str, dict]]) -> None:
+    layer = get_channel_layer()
+    if layer is None or not events:
+        return
+    try:
+        async_to_sync(send_all)(layer, events)
+    except Exception as exc:
+        # Expected while Redis restarts; a traceback would add nothing.
+        logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)
+
+
+async def _channel_send_all(layer, events: list[tuple[str, dict]]) -> None:
+    for channel, event in events:
+        try:
+            await layer.send(channel, event)
+        except ChannelFull:
+            logger.info("channel %s is full; its consumer reads the database when it can", channel)

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from clients import conf
-from clients.errors import Forbidden, NotAuthenticated, NotFound
+from clients.errors import Forbidden, NotAuthenticated, NotFound, Superseded
 from clients.models import Client, client_group
 from clients.process import PROCESS_ID
 from clients.push import group_send_after_commit
@@ -113,11 +113,18 @@ def _announce(user_id: int, online: bool) -> None:
     )
 
 
-def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attachment:
+def attach(
+    user: AnyUser | None, client_id: object, channel_name: str, attempt: int | None = None
+) -> Attachment:
     """
     Make `channel_name` the socket of the client; return the channel it replaces (or "").
 
-    Connecting again also cancels a pending close: a reload is not a close.
+    Connecting again also cancels a pending close: a reload is not a close. `attempt` is the
+    tab's own count of its connection attempts (the `conn` query parameter): an attempt the tab
+    gave up on (it timed out, or its connection was cut) can still reach the server, or finish
+    attaching, after the tab's next one. It must not supersede that newer socket: an attempt
+    below the highest one seen is refused (Superseded, 4409). Without `attempt`, the last
+    socket to attach wins.
     """
     with transaction.atomic():
         client = get_own_client(user, client_id, for_update=False)
@@ -127,6 +134,12 @@ def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attach
             raise NotFound("no such client", code="unknown_client")
         client = locked
         previous = client.channel_name
+        if attempt is not None:
+            if attempt < client.last_attempt:
+                raise Superseded(
+                    f"connection attempt {attempt} is older than attempt {client.last_attempt}"
+                )
+            client.last_attempt = attempt
         if not previous and not _connected_elsewhere(client.user_id, client.pk):
             _announce(client.user_id, True)
         now = timezone.now()
@@ -136,7 +149,14 @@ def attach(user: AnyUser | None, client_id: object, channel_name: str) -> Attach
         client.last_seen_at = now
         client.closing_at = None
         client.save(
-            update_fields=["channel_name", "server", "connected_at", "last_seen_at", "closing_at"]
+            update_fields=[
+                "channel_name",
+                "server",
+                "connected_at",
+                "last_seen_at",
+                "closing_at",
+                "last_attempt",
+            ]
         )
     return Attachment(client=client, previous_channel=previous if previous != channel_name else "")
 

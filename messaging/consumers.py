@@ -6,13 +6,16 @@ Pushes are pokes: the consumer reads deliveries above the last seq it sent from 
 lost, duplicated or reordered pokes can neither lose nor double a delivery.
 """
 
+import contextlib
 import logging
 import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import InterfaceError, OperationalError
 
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError
@@ -22,6 +25,20 @@ from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
 logger = logging.getLogger(__name__)
+
+
+def _db(func: Any) -> Any:
+    """
+    A consumer's database call, run in the default thread pool: each call is one short
+    transaction of its own, so sockets need not queue behind one another in channels' single
+    thread-sensitive thread.
+    """
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
+# A server-side dependency is down for now: reconnect later (4000 + HTTP 503, like the
+# protocol's other codes; daphne refuses RFC 6455's own 1013 from an application).
+TRY_AGAIN_LATER = 4503
 
 CLOSE_SUPERSEDED = 4409
 CLOSE_GONE = 4404
@@ -47,23 +64,35 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         self.user = self.scope.get("user")
         try:
             client_services.require_user(self.user)
-            client_id, after = self._parse_query()
-            attachment = await self._attach_client(client_id)
+            client_id, after, attempt = self._parse_query()
+            attachment = await self._attach_client(client_id, attempt)
         except ServiceError as exc:
             logger.info("websocket refused (%s): %s", exc.close_code, exc.detail)
             await self._close(exc.close_code)
             return
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("websocket refused, database unavailable: %s", exc)
+            await self._close(TRY_AGAIN_LATER)
+            return
         self.client_id = client_id
         self.sent_seq = after
         self.attached = True
-        await self.channel_layer.group_add(client_group(client_id), self.channel_name)
-        await self.channel_layer.group_add(user_group(self.user.pk), self.channel_name)
-        if attachment.previous_channel:
-            # Another socket held this client (a duplicated tab, or a reconnect before the old
-            # socket noticed): it is superseded, on whichever process it lives.
-            await self.channel_layer.send(
-                attachment.previous_channel, {"type": "clients.supersede"}
-            )
+        try:
+            await self._join_groups()
+            if attachment.previous_channel:
+                # Another socket held this client (a duplicated tab, or a reconnect before the
+                # old socket noticed): it is superseded, on whichever process it lives. A full
+                # channel there is a consumer that stopped reading: nothing to supersede.
+                with contextlib.suppress(ChannelFull):
+                    await self.channel_layer.send(
+                        attachment.previous_channel, {"type": "clients.supersede"}
+                    )
+        except Exception as exc:
+            # The channel layer is down (a Redis restart): without it this socket would never
+            # be poked. The tab reconnects; its deliveries wait in the database.
+            logger.warning("websocket closed, channel layer unavailable: %r", exc)
+            await self._close(TRY_AGAIN_LATER)
+            return
         client = attachment.client
         await self._send_json({"type": "hello", "client_id": str(client.id), "head": client.head})
         await self._flush()
@@ -72,7 +101,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         for name in await self._online_peers():
             await self._send_json({"type": "presence", "user": name, "online": True})
 
-    def _parse_query(self) -> tuple[uuid.UUID, int]:
+    def _parse_query(self) -> tuple[uuid.UUID, int, int | None]:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         raw_id = query.get("client_id", [None])[-1]
         try:
@@ -81,19 +110,35 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             raise Malformed("client_id must be a client UUID", code="malformed_query") from None
         try:
             after = validation.int_param(query.get("after", [None])[-1], "after", default=0)
-        except Malformed:
-            raise Malformed(
-                "after must be a non-negative integer", code="malformed_query"
-            ) from None
-        return client_id, after
+            # The tab's connection attempt number (optional): see client_services.attach.
+            attempt = validation.int_param(query.get("conn", [None])[-1], "conn", default=-1)
+        except Malformed as exc:
+            raise Malformed(exc.detail, code="malformed_query") from None
+        return client_id, after, (attempt if attempt >= 0 else None)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.attached:
+                # The consumer died without a disconnect (its channel layer failed under it,
+                # and daphne closes the socket with 1011): free the client all the same, or it
+                # would count as connected, and never as stale, for good.
+                self.attached = False
+                with contextlib.suppress(Exception):
+                    await self._detach_client()
 
     async def disconnect(self, code: int) -> None:
         if not self.attached:
             return
         self.attached = False
-        await self.channel_layer.group_discard(client_group(self.client_id), self.channel_name)
-        await self.channel_layer.group_discard(user_group(self.user.pk), self.channel_name)
-        await self._detach_client()
+        try:
+            await self._detach_client()
+        finally:
+            # Group memberships also expire by themselves (channels' group_expiry).
+            for group in (client_group(self.client_id), user_group(self.user.pk)):
+                with contextlib.suppress(Exception):
+                    await self.channel_layer.group_discard(group, self.channel_name)
 
     async def _close(self, code: int) -> None:
         self.closing = True
@@ -119,6 +164,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             await handler(self, frame)
         except ServiceError as exc:
             await self._send_error(exc.code, exc.detail, frame)
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("database unavailable for client %s: %s", self.client_id, exc)
+            await self._send_error("unavailable", "the database is unavailable; retry", frame)
         except Exception:
             # Never let one bad frame kill the socket (1011): the tab's outbox retries.
             logger.exception("unexpected error handling a frame of client %s", self.client_id)
@@ -141,7 +189,20 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         await self._ack(frame.get("seq"))
 
     async def _on_ping(self, frame: dict) -> None:
-        await self._send_json({"type": "pong", "head": await self._head()})
+        # A ping is also a pull. Memberships are re-added first (a restarted Redis forgot
+        # them, and no poke would reach this socket again), then anything whose poke was lost
+        # goes out on this socket, so the pong's head finds the tab caught up.
+        try:
+            await self._join_groups()
+        except Exception as exc:
+            logger.warning("channel layer unavailable for client %s: %r", self.client_id, exc)
+        head = await self._flush()  # its last read also gives the head: no second query
+        if head is not None:
+            await self._send_json({"type": "pong", "head": head})
+
+    async def _join_groups(self) -> None:
+        await self.channel_layer.group_add(client_group(self.client_id), self.channel_name)
+        await self.channel_layer.group_add(user_group(self.user.pk), self.channel_name)
 
     async def _on_typing(self, frame: dict) -> None:
         await self._typing(frame.get("room"))
@@ -151,8 +212,19 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     # -- channel-layer events -----------------------------------------------------------------
 
     async def messaging_poke(self, event: dict) -> None:
-        if self.attached and not self.closing:
-            await self._flush()
+        if not self.attached or self.closing:
+            return
+        seq = event.get("seq")
+        if seq is not None and seq <= self.sent_seq:
+            return  # already sent, by a flush that read it from the database
+        if seq == self.sent_seq + 1:
+            # The next delivery, committed, and carried by the poke itself: no database read.
+            await self.send(text_data=delivery_frame(seq, event["id"], event["tail"]))
+            self.sent_seq = seq
+            return
+        # A gap (an earlier poke was lost, or arrived before this socket attached): the
+        # database has every delivery, in order.
+        await self._flush()
 
     async def messaging_resync(self, event: dict) -> None:
         if self.attached and not self.closing:
@@ -184,9 +256,10 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     # -- sending ------------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> int | None:
         """
-        Send every delivery above the last seq sent, in order, reading in batches.
+        Send every delivery above the last seq sent, in order, reading in batches; returns the
+        client's head as of the last read (None if the socket is closing).
         """
         batch = conf.get("MESSAGING_REPLAY_BATCH")
         while not self.closing:
@@ -194,12 +267,13 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                 page = await self._pending(self.sent_seq, batch)
             except ServiceError:
                 await self._close(CLOSE_GONE)
-                return
+                return None
             for seq, message_id, tail in page.rows:
                 await self.send(text_data=delivery_frame(seq, message_id, tail))
                 self.sent_seq = seq
             if len(page.rows) < batch:
-                return
+                return page.head
+        return None
 
     async def _send_json(self, payload: dict) -> None:
         await self.send(text_data=dumps(payload))
@@ -221,37 +295,35 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     # -- database ---------------------------------------------------------------------------
 
-    @database_sync_to_async
-    def _attach_client(self, client_id: uuid.UUID) -> client_services.Attachment:
-        return client_services.attach(self.user, client_id, self.channel_name)
+    @_db
+    def _attach_client(
+        self, client_id: uuid.UUID, attempt: int | None
+    ) -> client_services.Attachment:
+        return client_services.attach(self.user, client_id, self.channel_name, attempt)
 
-    @database_sync_to_async
+    @_db
     def _detach_client(self) -> None:
         client_services.detach(self.client_id, self.channel_name)
 
-    @database_sync_to_async
+    @_db
     def _pending(self, after: int, limit: int) -> services.Pending:
         return services.pending_for(self.client_id, after, limit)
 
-    @database_sync_to_async
+    @_db
     def _send_message(self, cmid: object, to: object, body: object) -> services.SendResult:
         if body is _MISSING:
             validation.client_msg_id(cmid)
             raise Malformed("a send frame needs a body", code="invalid_body")
         return services.send_message(self.user, self.client_id, cmid, to, body)
 
-    @database_sync_to_async
+    @_db
     def _ack(self, seq: object) -> int:
         return services.ack(self.user, self.client_id, seq)
 
-    @database_sync_to_async
-    def _head(self) -> int:
-        return services.head_of(self.client_id)
-
-    @database_sync_to_async
+    @_db
     def _online_peers(self) -> list[str]:
         return online_peers(self.user.pk)
 
-    @database_sync_to_async
+    @_db
     def _typing(self, room: object) -> None:
         services.notify_typing(self.user, room)

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from clients.errors import Conflict, Forbidden, NotFound, RateLimited
 from clients.models import Client, client_group, user_group
-from clients.push import group_send_after_commit, group_send_now
+from clients.push import channel_send_after_commit, group_send_after_commit, group_send_now
 from clients.services import AnyUser, get_own_client, require_user, touch
 from messaging import conf, validation
 from messaging.models import Delivery, Message, Room
@@ -27,7 +27,6 @@ from messaging.wire import message_tail
 
 logger = logging.getLogger(__name__)
 
-POKE = {"type": "messaging.poke"}
 RESYNC = {"type": "messaging.resync"}
 
 
@@ -158,7 +157,7 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
         Client.objects.select_for_update()
         .filter(user_id__in=user_ids)
         .order_by("id")
-        .values_list("id", "head", "acked_seq", "resync_required")
+        .values_list("id", "head", "acked_seq", "resync_required", "channel_name")
     )
     if not any(t[0] == sender_client for t in targets):
         raise NotFound("no such client", code="unknown_client")
@@ -186,25 +185,38 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
 
     limit = conf.get("MESSAGING_QUEUE_LIMIT")
     queued = [
-        (cid, head) for cid, head, acked, resync in targets if not resync and head - acked < limit
+        (cid, head, channel)
+        for cid, head, acked, resync, channel in targets
+        if not resync and head - acked < limit
     ]
     overflowing = [
-        cid for cid, head, acked, resync in targets if not resync and head - acked >= limit
+        cid for cid, head, acked, resync, _ in targets if not resync and head - acked >= limit
     ]
     if queued:
-        Client.objects.filter(id__in=[cid for cid, _ in queued]).update(head=F("head") + 1)
+        Client.objects.filter(id__in=[cid for cid, _, _ in queued]).update(head=F("head") + 1)
         Delivery.objects.bulk_create(
-            [Delivery(client_id=cid, seq=head + 1, message_id=message.pk) for cid, head in queued]
+            [
+                Delivery(client_id=cid, seq=head + 1, message_id=message.pk)
+                for cid, head, _ in queued
+            ]
         )
     if overflowing:
         Client.objects.filter(id__in=overflowing).update(resync_required=True)
         logger.warning(
             "queue limit %d reached for %d client(s); they must resync", limit, len(overflowing)
         )
-    group_send_after_commit(
-        [(client_group(cid), POKE) for cid, _ in queued]
-        + [(client_group(cid), RESYNC) for cid in overflowing]
+    # Each poke carries its delivery, so a connected tab's consumer need not read it back, and
+    # goes straight to the socket's channel read under the row lock (no group lookups). A
+    # socket that attaches after this commit reads the delivery from the database itself.
+    channel_send_after_commit(
+        (
+            channel,
+            {"type": "messaging.poke", "seq": head + 1, "id": message.pk, "tail": message.wire},
+        )
+        for cid, head, channel in queued
+        if channel
     )
+    group_send_after_commit((client_group(cid), RESYNC) for cid in overflowing)
     return SendResult(message.pk, duplicate=False)
 
 

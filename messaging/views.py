@@ -11,7 +11,9 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.request import RawPostDataException
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
@@ -70,6 +72,13 @@ def api(*methods: str) -> Callable:
                 return view(request, *args, **kwargs)
             except ServiceError as exc:
                 return error_response(exc.status, exc.code, exc.detail)
+            except (OperationalError, InterfaceError) as exc:
+                # The database went away (restart, failover, killed connection): nothing was
+                # committed, and every call of the API is safe to retry.
+                logger.warning("database unavailable for %s: %s", request.path, exc)
+                response = error_response(503, "unavailable", "the database is unavailable; retry")
+                response["Retry-After"] = "1"
+                return response
 
         return wrapper
 
@@ -95,6 +104,9 @@ def _object(request: HttpRequest) -> dict:
         raw = request.body
     except RequestDataTooBig:
         raise TooLarge("request body too large", code="body_too_large") from None
+    except RawPostDataException:
+        # The CSRF check has already streamed a multipart form body: it is no JSON object.
+        raise Malformed("the request body must be a JSON object", code="malformed") from None
     if len(raw) > conf.max_request_bytes():
         raise TooLarge("request body too large", code="body_too_large")
     body = parse_json(raw) if raw.strip() else None
@@ -230,6 +242,16 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     CSRF_FAILURE_VIEW: a JSON 403 instead of Django's HTML page.
     """
     return error_response(403, "csrf_failed", f"CSRF verification failed: {reason}")
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """
+    handler400: JSON under /api/ for request data Django itself refuses (a Host header not in
+    ALLOWED_HOSTS, too many query fields, a form body the CSRF check cannot parse).
+    """
+    if request.path.startswith("/api/"):
+        return error_response(400, "malformed", "the request could not be parsed")
+    return HttpResponse("Bad request", status=400, content_type="text/plain")
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

@@ -22,7 +22,11 @@ def _reject_constant(name: str) -> Any:
 # caught RecursionError can leave CPython 3.11's AST recursion counter corrupted (cpython#106905),
 # crashing a later unrelated compile in the same process.
 MAX_DEPTH = 512
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# A string token runs to its closing quote or, unterminated, to the end of the text (json.loads
+# fails there anyway). Were the closing quote required, every escaped quote of an unterminated
+# string would start a new failing match to the end: quadratic, minutes of blocked event loop
+# for one 100 KB frame.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 
 
 def _too_deep(text: str) -> bool:

@@ -65,11 +65,19 @@ class RelayClient:
         http_fallback_after: float = 3.0,
         ping_interval: float = 15.0,
         backoff: tuple[float, float] = (0.1, 3.0),
+        keepalive: float | None = 20.0,
+        alternates: list[str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.ws_url = "ws" + self.base_url[4:]
+        # More servers of one deployment: each (re)connect picks one of ws_urls at random, and
+        # HTTP calls move on to the next server when one refuses connections.
+        self.ws_urls = ["ws" + url.rstrip("/")[4:] for url in alternates or []]
+        self.keepalive = keepalive
+        self.rng = rng or random.Random()
         self.username, self.password = username, password
-        self.http = HttpSession(self.base_url)
+        self.http = HttpSession(self.base_url, alternates=alternates)
         self.state = state if state is not None else {}
         self.state.setdefault("last_seq", 0)
         self.state.setdefault("outbox", {})
@@ -80,6 +88,7 @@ class RelayClient:
         self.status = "offline"
         self.ws: Any = None
         self.head = 0
+        self._pong_head = 0
         self.resync_required = False
         self._acked = 0
         self._ack_task: asyncio.Task | None = None
@@ -88,7 +97,15 @@ class RelayClient:
         self._lock = asyncio.Lock()
         self._down_since = 0.0
         self._drop_deliveries = 0
-        self.stats = {"connects": 0, "resyncs": 0, "duplicates_dropped": 0, "http_sends": 0}
+        self._background: set[asyncio.Task] = set()
+        self._stopping = False
+        self.stats = {
+            "connects": 0,
+            "resyncs": 0,
+            "duplicates_dropped": 0,
+            "http_sends": 0,
+            "send_retries": 0,
+        }
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -108,9 +125,11 @@ class RelayClient:
 
     async def start(self) -> None:
         """
-        Log in, register a client if there is none yet, and keep a socket open in the background.
+        Log in (unless the session already holds a login, as a browser's other tabs share
+        one), register a client if there is none yet, and keep a socket open in the background.
         """
-        await self.http.login(self.username, self.password)
+        if not self.http.cookie("sessionid"):
+            await self.http.login(self.username, self.password)
         if not self.client_id:
             await self._register()
         self._down_since = asyncio.get_running_loop().time()
@@ -123,12 +142,23 @@ class RelayClient:
         """
         Stop the background work and close the socket (the client and its queue stay).
         """
-        for task in [*self._tasks, self._ack_task]:
-            if task:
+        self._stopping = True
+        others = [t for t in (self._ack_task, *self._background) if t]
+        for task in others:
+            task.cancel()
+        # CPython 3.11's asyncio.wait_for can swallow a cancellation that arrives just as its
+        # awaitable completes (fixed in 3.12): cancel until the tasks are really done.
+        pending = [t for t in self._tasks if not t.done()]
+        for _ in range(100):
+            if not pending:
+                break
+            for task in pending:
                 task.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+            pending = [t for t in pending if not t.done()]
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failure at shutdown is not news
         if self.ws is not None:
             with contextlib.suppress(Exception):
                 await self.ws.close()
@@ -138,7 +168,7 @@ class RelayClient:
         status, body = await self.http.request("POST", "/api/clients/")
         if status != 201:
             raise RuntimeError(f"registering a client failed: {status} {body}")
-        self.state.update(client_id=body["client_id"], last_seq=0)
+        self.state.update(client_id=body["client_id"], last_seq=0, conn=0)
         self._acked = 0
 
     # -- sending --------------------------------------------------------------------------------
@@ -167,6 +197,17 @@ class RelayClient:
         if item is not None:
             await self.ws.send(json.dumps({"type": "send", "client_msg_id": cmid, **item}))
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resend_later(self, cmid: str) -> None:
+        await asyncio.sleep(self.backoff[0] * (1 + self.rng.random()) * 5)
+        if cmid in self.state["outbox"] and self.ws is not None and self.status == "online":
+            with contextlib.suppress(Exception):
+                await self._send_frame(cmid)
+
     def _settle(self, cmid: str, result: dict | None = None, error: SendFailed | None = None):
         self.state["outbox"].pop(cmid, None)
         future = self._waiters.get(cmid)
@@ -181,14 +222,25 @@ class RelayClient:
 
     async def _connection_loop(self) -> None:
         delay = self.backoff[0]
-        while True:
+        while not self._stopping:
             self.status = "connecting" if self.stats["connects"] == 0 else "reconnecting"
             code = None
             try:
-                url = f"{self.ws_url}/ws/?client_id={self.client_id}&after={self.last_seq}"
+                base = self.rng.choice(self.ws_urls) if self.ws_urls else self.ws_url
+                # Each attempt gets a higher number, kept with the client id: an attempt this
+                # tab gave up on that reaches the server late cannot supersede a newer socket.
+                attempt = self.state["conn"] = int(self.state.get("conn", 0)) + 1
+                url = (
+                    f"{base}/ws/?client_id={self.client_id}&after={self.last_seq}&conn={attempt}"
+                )
                 headers = {"Cookie": self.http.cookie_header(), "Origin": self.base_url}
                 async with websockets.connect(
-                    url, additional_headers=headers, max_size=2**21
+                    url,
+                    additional_headers=headers,
+                    max_size=2**21,
+                    open_timeout=10,
+                    ping_interval=self.keepalive,
+                    ping_timeout=self.keepalive,
                 ) as ws:
                     self.ws = ws
                     await self._session(ws)
@@ -202,17 +254,20 @@ class RelayClient:
                 if self.status == "online":
                     self._down_since = asyncio.get_running_loop().time()
                 self.status = "reconnecting"
-            if code in (4404, 4409):
-                # Deleted, or a duplicated tab whose id another tab holds: become a new tab.
-                logger.warning(
-                    "client %s closed with %s: registering a new client", self.client_id, code
-                )
-                await self._register()
-                delay = self.backoff[0]
-                continue
-            if code == 4401:
-                await self.http.login(self.username, self.password)
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            try:
+                if code in (4404, 4409):
+                    # Deleted, or a duplicated tab whose id another tab holds: become a new tab.
+                    logger.warning(
+                        "client %s closed with %s: registering a new client", self.client_id, code
+                    )
+                    await self._register()
+                    delay = self.backoff[0]
+                    continue
+                if code == 4401:
+                    await self.http.login(self.username, self.password)
+            except (OSError, RuntimeError) as exc:
+                logger.info("recovering from close code %s failed (%s); retrying", code, exc)
+            await asyncio.sleep(delay * (0.5 + self.rng.random()))
             delay = min(delay * 2, self.backoff[1])
 
     async def _session(self, ws: Any) -> None:
@@ -229,7 +284,7 @@ class RelayClient:
             self._acked = self.last_seq
         for cmid in list(self.state["outbox"]):
             await self._send_frame(cmid)
-        while True:
+        while not self._stopping:
             try:
                 raw = await asyncio.wait_for(ws.recv(), self.ping_interval)
             except TimeoutError:
@@ -256,10 +311,20 @@ class RelayClient:
                 self._settle(
                     frame["client_msg_id"], error=SendFailed(code, str(frame.get("detail")))
                 )
+            elif frame.get("client_msg_id") in self.state["outbox"]:
+                # Rate limited, or the server failed for now: the same send again, later.
+                self.stats["send_retries"] += 1
+                self._spawn(self._resend_later(frame["client_msg_id"]))
+            elif code == "internal_error":
+                self._acked = 0  # perhaps an ack that failed: repeat it with the next one
         elif kind == "pong":
-            self.head = frame["head"]
-            if self.head > self.last_seq:
+            # Behind the head of the previous pong still, a ping interval later: those
+            # deliveries are not on their way (their push was lost); fetch them. Behind only
+            # this pong's head may just be deliveries in flight.
+            if self.last_seq < self._pong_head:
                 await self._resync()
+            self.head = frame["head"]
+            self._pong_head = self.head
         if self.on_frame is not None:
             self.on_frame(frame)
 
@@ -296,11 +361,12 @@ class RelayClient:
                 await self.ws.send(json.dumps({"type": "ack", "seq": seq}))
                 self._acked = seq
         else:
-            status, _ = await self.http.request(
-                "POST", f"/api/clients/{self.client_id}/ack", {"seq": seq}
-            )
-            if status == 200:
-                self._acked = seq
+            with contextlib.suppress(OSError):
+                status, _ = await self.http.request(
+                    "POST", f"/api/clients/{self.client_id}/ack", {"seq": seq}
+                )
+                if status == 200:
+                    self._acked = seq
 
     async def _resync(self) -> None:
         async with self._lock:
@@ -328,32 +394,53 @@ class RelayClient:
         While the socket has been down for http_fallback_after seconds: send the outbox and
         pull deliveries over HTTP (real time is a bonus; delivery is not).
         """
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.http_fallback_after / 2)
             loop = asyncio.get_running_loop()
             if self.status == "online" or loop.time() - self._down_since < self.http_fallback_after:
                 continue
-            for cmid, item in list(self.state["outbox"].items()):
-                status, body = await self.http.request(
-                    "POST",
-                    "/api/messages/",
-                    {"client_id": self.client_id, "client_msg_id": cmid, **item},
-                )
-                self.stats["http_sends"] += 1
-                if status in (200, 201):
-                    self._settle(cmid, {"id": body["id"], "duplicate": body["duplicate"]})
-                elif (
-                    400 <= status < 500
-                    and status != 429
-                    and isinstance(body, dict)
-                    and "error" in body
-                ):
-                    code = body["error"]["code"]
-                    if code in PERMANENT:
-                        self._settle(cmid, error=SendFailed(code, body["error"]["detail"]))
-            await self._resync()
-            if self.last_seq > self._acked:
-                await self._ack_soon()
+            try:
+                await self._over_http()
+            except OSError as exc:
+                logger.debug("HTTP fallback failed (%s); trying again", exc)
+
+    async def _over_http(self) -> None:
+        # Outbox first (so our own messages come back in the resync), then deliveries, then ack.
+        for cmid, item in list(self.state["outbox"].items()):
+            status, body = await self.http.request(
+                "POST",
+                "/api/messages/",
+                {"client_id": self.client_id, "client_msg_id": cmid, **item},
+            )
+            self.stats["http_sends"] += 1
+            if status in (200, 201):
+                self._settle(cmid, {"id": body["id"], "duplicate": body["duplicate"]})
+            elif (
+                400 <= status < 500
+                and status != 429
+                and isinstance(body, dict)
+                and "error" in body
+            ):
+                code = body["error"]["code"]
+                if code in PERMANENT:
+                    self._settle(cmid, error=SendFailed(code, body["error"]["detail"]))
+        await self._resync()
+        if self.last_seq > self._acked:
+            await self._ack_soon()
+
+    async def sync(self) -> int:
+        """
+        Catch up over HTTP now and ack what was processed; returns how many deliveries it found.
+        """
+        before = self.last_seq
+        await self._resync()
+        if self.last_seq > 0:  # even if acked already: that ack may have failed on the server
+            status, _ = await self.http.request(
+                "POST", f"/api/clients/{self.client_id}/ack", {"seq": self.last_seq}
+            )
+            if status == 200:
+                self._acked = self.last_seq
+        return self.last_seq - before
 
     def inject_drop(self, count: int = 1) -> None:
         """

@@ -14,9 +14,15 @@ class HttpSession:
     Session auth like a browser: cookies, the CSRF token header and a Referer on unsafe calls.
     """
 
-    def __init__(self, base_url: str, timeout: float = 30) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 30, alternates: list[str] | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # Servers of the same deployment to fail over to when one refuses connections (cookies
+        # are per host name, so a session on 127.0.0.1 holds on every port).
+        self.urls = [url.rstrip("/") for url in alternates or []] or [self.base_url]
+        self._current = 0
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
 
@@ -42,14 +48,22 @@ class HttpSession:
         token = self.cookie("csrftoken")
         if token:
             headers["X-CSRFToken"] = token
-        req = urllib.request.Request(
-            self.base_url + path, data=data, method=method, headers=headers
-        )
-        try:
-            with self.opener.open(req, timeout=self.timeout) as resp:
-                body, status = resp.read(), resp.status
-        except urllib.error.HTTPError as err:
-            body, status = err.read(), err.code
+        for attempt in range(len(self.urls)):
+            base = self.urls[self._current]
+            req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+            try:
+                with self.opener.open(req, timeout=self.timeout) as resp:
+                    body, status = resp.read(), resp.status
+                break
+            except urllib.error.HTTPError as err:
+                body, status = err.read(), err.code
+                break
+            except (urllib.error.URLError, ConnectionError):
+                # Refused or reset before an answer: try the next server. Every call of the
+                # protocol is safe to repeat (sends are deduplicated by client_msg_id).
+                self._current = (self._current + 1) % len(self.urls)
+                if attempt == len(self.urls) - 1:
+                    raise
         try:
             return status, json.loads(body) if body else None
         except ValueError:

@@ -13,11 +13,18 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.test import Client as HttpClient
 
 from chatproject.asgi import application
 from messaging.services import send_rate
+
+# In-process tests close the database connection after every call: a connection kept by a
+# thread of channels' executor would block dropping the test database.
+django_settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+# Nor a pool (for the same reason); the real daphne processes of tests/servers.py use one.
+django_settings.DATABASES["default"].get("OPTIONS", {}).pop("pool", None)
 
 ORIGIN = b"http://localhost"
 TIMEOUT = 5
@@ -158,11 +165,12 @@ async def open_ws(user, query: str, *, origin: bytes | None = ORIGIN) -> Websock
     return communicator
 
 
-async def connect_tab(user, client_id: str, after: int = 0) -> Tab:
+async def connect_tab(user, client_id: str, after: int = 0, query: str = "") -> Tab:
     """
-    Open a socket for `client_id` and read its hello frame.
+    Open a socket for `client_id` (with more `query` parameters, if any) and read its hello.
     """
-    tab = Tab(await open_ws(user, f"client_id={client_id}&after={after}"), client_id)
+    extra = f"&{query}" if query else ""
+    tab = Tab(await open_ws(user, f"client_id={client_id}&after={after}{extra}"), client_id)
     tab.hello = await tab.recv()
     assert tab.hello["type"] == "hello", tab.hello
     return tab

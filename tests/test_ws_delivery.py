@@ -2,10 +2,12 @@
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 
 from clients.models import Client
+from messaging import services
 from messaging.models import Delivery, Message
-from tests.conftest import connect_tab, http_as, new_client
+from tests.conftest import connect_tab, http_as, new_client, refused_with
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -213,6 +215,34 @@ async def test_second_connection_supersedes_first_with_4409(alice, bob):
     assert (await client_row(a1)).channel_name == ""
 
 
+async def test_a_stale_attempt_reaching_the_server_late_does_not_supersede(alice, bob):
+    """A tab numbers its connection attempts (`conn`): an attempt it gave up on that reaches
+    the server after its newer socket (a slow server, a proxy, a slow attach) is refused with
+    4409, and the newer socket keeps the client and its deliveries; a newer attempt, or one
+    without a number, still supersedes."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    live = await connect_tab(alice, a1, query="conn=5")
+    assert await refused_with(alice, f"client_id={a1}&after=0&conn=4") == 4409
+    assert await live.nothing(), "the newer socket was disturbed"
+    assert (await client_row(a1)).last_attempt == 5
+    tb = await connect_tab(bob, b1)
+    await tb.send(send_frame("m", {"user": "alice"}, "to the newer socket"))
+    (frame,) = await live.deliveries(1)
+    assert frame["message"]["body"] == "to the newer socket"
+    again = await connect_tab(alice, a1, after=1, query="conn=5")  # the same number: a retry
+    assert await live.close_code() == 4409
+    await live.disconnect()
+    newer = await connect_tab(alice, a1, after=1, query="conn=6")
+    assert await again.close_code() == 4409
+    await again.disconnect()
+    unnumbered = await connect_tab(alice, a1, after=1)
+    assert await newer.close_code() == 4409
+    await newer.disconnect()
+    await unnumbered.disconnect()
+    await tb.disconnect()
+    assert (await client_row(a1)).channel_name == ""
+
+
 async def test_deleting_a_connected_client_closes_it_with_4404(alice):
     """DELETE /api/clients/{id}/ closes that client's open socket with 4404 and drops its queue."""
     a1 = await new_client(alice)
@@ -234,5 +264,50 @@ async def test_ping_answers_pong_with_head(alice, bob):
     ta = await connect_tab(alice, a1, after=1)  # claims to have seen seq 1 already
     await ta.send({"type": "ping"})
     assert await ta.recv() == {"type": "pong", "head": 1}
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_a_ping_pulls_deliveries_whose_poke_was_lost(alice, bob, monkeypatch):
+    """A ping sends on the socket what a lost poke left queued, before its pong."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta = await connect_tab(alice, a1)
+    tb = await connect_tab(bob, b1)
+    monkeypatch.setattr(services, "channel_send_after_commit", lambda events: None)
+    await tb.send(send_frame("lost-poke", {"user": "alice"}, "hi"))
+    await tb.recv_type("sent")
+    await ta.send({"type": "ping"})
+    delivery = await ta.recv()
+    assert delivery["type"] == "delivery" and delivery["seq"] == 1
+    assert delivery["message"]["body"] == "hi"
+    assert await ta.recv() == {"type": "pong", "head": 1}
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def forget_all_groups(layer) -> None:
+    # What a restarted Redis holds afterwards: no group memberships at all.
+    if hasattr(layer, "groups"):  # the in-memory layer
+        layer.groups.clear()
+        return
+    for index in range(layer.ring_size):
+        async with layer.connection(index) as conn:
+            keys = await conn.keys(layer.prefix + ":group:*")
+            if keys:
+                await conn.delete(*keys)
+
+
+async def test_a_ping_rejoins_groups_a_restarted_channel_layer_forgot(alice, bob):
+    """After the channel layer lost every group (a Redis restart), a tab's next ping makes
+    live pushes reach it again."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta = await connect_tab(alice, a1)
+    tb = await connect_tab(bob, b1)
+    await forget_all_groups(get_channel_layer())
+    await ta.send({"type": "ping"})
+    assert await ta.recv() == {"type": "pong", "head": 0}
+    await tb.send(send_frame("after-restart", {"user": "alice"}, "back"))
+    delivery = await ta.recv()
+    assert delivery["type"] == "delivery" and delivery["message"]["body"] == "back"
     await ta.disconnect()
     await tb.disconnect()

@@ -195,11 +195,15 @@ async def test_invalid_session_cookie_is_refused_with_4401(alice):
         "client_id={cid}&after=%D9%A1",  # ARABIC-INDIC DIGIT ONE: int() takes it, the protocol not
         f"client_id={{cid}}&after={2**63}",
         f"client_id={{cid}}&after={10**30}",
+        "client_id={cid}&conn=-1",
+        "client_id={cid}&conn=two",
+        f"client_id={{cid}}&conn={2**63}",
     ],
     ids=lambda q: q.replace("{cid}", "CID") or "empty",
 )
 async def test_malformed_query_is_refused_with_4400(alice, query):
-    """A client_id that is not a UUID, or an after not an integer in [0, 2**63), is 4400."""
+    """A client_id that is not a UUID, or an after or conn not an integer in [0, 2**63), is
+    4400."""
     cid = await new_client(alice)
     assert await refused_with(alice, query.format(cid=cid)) == 4400
     assert await channel_of(cid) == ""

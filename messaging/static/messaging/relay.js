@@ -198,6 +198,7 @@ export class RelayClient {
     this.buffer = [];
     this._save("client", clientId);
     this._save("seq", 0);
+    this._save("conn", 0);
   }
 
   async _replaceClient(reason) {
@@ -219,7 +220,11 @@ export class RelayClient {
     if (this.stopped || this.hidden || this.ws || !this.clientId) return;
     const base = new URL(this.options.baseUrl || window.location.href, window.location.href);
     const scheme = base.protocol === "https:" ? "wss:" : "ws:";
-    const url = `${scheme}//${base.host}/ws/?client_id=${encodeURIComponent(this.clientId)}&after=${this.lastSeq}`;
+    // Each attempt gets a higher number, kept beside the client id: an attempt this tab gave
+    // up on that reaches the server late is refused instead of superseding a newer socket.
+    const attempt = Number(this._load("conn", 0)) + 1;
+    this._save("conn", attempt);
+    const url = `${scheme}//${base.host}/ws/?client_id=${encodeURIComponent(this.clientId)}&after=${this.lastSeq}&conn=${attempt}`;
     let ws;
     try {
       ws = new WebSocket(url);

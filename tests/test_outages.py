@@ -1,0 +1,137 @@
+"""
+A database or channel layer that fails for a moment: clear "retry" answers, sockets that stay
+usable or close with a retry code, and nothing stored half-way or left marked as connected.
+"""
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.db import OperationalError
+
+from clients import services as client_services
+from clients.models import Client
+from messaging import services
+from messaging.models import Message
+from tests.conftest import api_post, connect_tab, http_as, new_client, refused_with
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def database_down(*args, **kwargs):
+    raise OperationalError("server closed the connection unexpectedly")
+
+
+async def test_http_answers_503_unavailable_when_the_database_fails(alice, monkeypatch):
+    """A send while the database is unreachable is a JSON 503 with Retry-After, not a 500."""
+    a1 = await new_client(alice)
+    monkeypatch.setattr(services, "send_message", database_down)
+    http = await database_sync_to_async(http_as)(alice)
+    response = await database_sync_to_async(api_post)(
+        http,
+        "/api/messages/",
+        {"client_id": a1, "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1},
+    )
+    assert response.status_code == 503
+    assert response["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "unavailable"
+
+
+async def test_a_send_frame_gets_unavailable_and_the_socket_stays_usable(alice, monkeypatch):
+    """A send that meets a failed database is answered `unavailable` (the outbox retries);
+    the same send afterwards is stored once."""
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    real = services.send_message
+    monkeypatch.setattr(services, "send_message", database_down)
+    frame = {"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": "x"}
+    await tab.send(frame)
+    error = await tab.recv_type("error")
+    assert (error["code"], error["client_msg_id"]) == ("unavailable", "m1")
+    monkeypatch.setattr(services, "send_message", real)
+    await tab.send(frame)
+    assert (await tab.recv_type("sent"))["duplicate"] is False
+    assert await database_sync_to_async(Message.objects.count)() == 1
+    await tab.disconnect()
+
+
+async def test_a_socket_that_cannot_attach_closes_with_4503(alice, monkeypatch):
+    """With the database down at connect time the socket closes with 4503 (retry later)."""
+    a1 = await new_client(alice)
+    monkeypatch.setattr(client_services, "attach", database_down)
+    assert await refused_with(alice, f"client_id={a1}") == 4503
+
+
+async def test_a_failed_channel_layer_closes_4503_and_leaves_the_client_free(alice, monkeypatch):
+    """If the channel layer fails while a socket joins its groups, the socket closes with 4503
+    and the client is not left marked as connected (the cleanup could never forget it)."""
+    a1 = await new_client(alice)
+
+    async def layer_down(self, group, channel):
+        raise ConnectionError("Error 111 connecting to redis")
+
+    monkeypatch.setattr(type(get_channel_layer()), "group_add", layer_down)
+    assert await refused_with(alice, f"client_id={a1}") == 4503
+    client = await database_sync_to_async(Client.objects.get)(pk=a1)
+    assert client.channel_name == ""
+
+
+async def test_a_lost_poke_is_noticed_by_the_next_one_and_read_from_the_database(
+    alice, bob, monkeypatch
+):
+    """When one message's push is lost, the next push's seq shows the gap and the socket
+    sends both from the database, in order, instead of skipping the first."""
+    from clients import push
+
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta = await connect_tab(alice, a1)
+    tb = await connect_tab(bob, b1)
+    real = services.channel_send_after_commit
+    monkeypatch.setattr(services, "channel_send_after_commit", lambda events: None)
+    await tb.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    await tb.recv_type("sent")
+    monkeypatch.setattr(services, "channel_send_after_commit", real)
+    await tb.send({"type": "send", "client_msg_id": "m2", "to": {"user": "alice"}, "body": 2})
+    frames = await ta.deliveries(2)
+    assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, 1), (2, 2)]
+    assert push.channel_send_after_commit is real
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_a_full_channel_is_skipped_and_the_other_pushes_still_go_out(settings):
+    """A push to a channel nobody reads (full) neither raises nor stops the pushes after it."""
+    from clients.push import channel_send_now
+
+    layer = get_channel_layer()
+    if not hasattr(layer, "groups"):
+        pytest.skip("fills a channel of the in-memory layer; push.py is the same on Redis")
+    stuck, live = await layer.new_channel(), await layer.new_channel()
+    capacity = layer.get_capacity(stuck)
+    for _ in range(capacity):
+        await layer.send(stuck, {"type": "x"})
+    await database_sync_to_async(channel_send_now)([(stuck, {"type": "y"}), (live, {"type": "z"})])
+    assert (await asyncio.wait_for(layer.receive(live), 2))["type"] == "z"
+
+
+async def test_a_consumer_that_dies_mid_life_frees_its_client(alice, monkeypatch):
+    """If the channel layer fails under a connected socket (Redis going away), the consumer
+    dies, and its client is no longer marked as connected."""
+    layer = get_channel_layer()
+    if not hasattr(layer, "_clean_expired"):
+        pytest.skip("fails the in-memory layer's receive; the consumer code is the same on Redis")
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+
+    def layer_gone(self):
+        raise ConnectionError("Connection closed by server.")
+
+    # The next receive of the consumer's channel fails, as channels-redis's does without Redis.
+    monkeypatch.setattr(type(layer), "_clean_expired", layer_gone)
+    # Wake the consumer's pending receive once, so its next receive meets the failed layer.
+    await tab.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    with pytest.raises(ConnectionError):
+        await tab.comm.wait(timeout=5)
+    client = await database_sync_to_async(Client.objects.get)(pk=a1)
+    assert client.channel_name == ""
