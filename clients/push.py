@@ -5,10 +5,14 @@ Real time is a bonus: the database is the source of truth, so a lost or failed p
 (the tab finds the delivery on its next read), never a message.
 """
 
+import asyncio
+import concurrent.futures
 import logging
+import os
+import time
 from collections.abc import Iterable
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.db import transaction
@@ -56,12 +60,39 @@ def channel_send_now(events: list[tuple[str, dict]]) -> None:
     _push(_channel_send_all, events)
 
 
+# How long a database thread waits for its pushes before it gives up waiting (they still run).
+PUSH_WAIT = 10.0
+
+
 def _push(send_all, events: list[tuple[str, dict]]) -> None:
     layer = get_channel_layer()
     if layer is None or not events:
         return
     try:
-        async_to_sync(send_all)(layer, events)
+        loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+        if (
+            loop is None
+            or loop.is_closed()  # left behind by an earlier call on this thread
+            or getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) != os.getpid()
+        ):
+            async_to_sync(send_all)(layer, events)  # no server loop: a command, a plain thread
+            return
+        # A thread of the server's event loop (a view or a consumer's database call). Not
+        # async_to_sync: once the loop stops (SIGTERM while sockets close) it would wait forever
+        # for a coroutine that never runs, and hold the process's exit with it.
+        if not loop.is_running():
+            logger.info("event loop stopped: %d push(es) skipped", len(events))
+            return
+        future = asyncio.run_coroutine_threadsafe(send_all(layer, events), loop)
+        deadline = time.monotonic() + PUSH_WAIT
+        while True:
+            try:
+                future.result(timeout=0.25)
+                return
+            except concurrent.futures.TimeoutError:
+                if not loop.is_running() or time.monotonic() > deadline:
+                    logger.warning("not waiting longer for %d push(es)", len(events))
+                    return
     except Exception as exc:
         # Expected while Redis restarts; a traceback would add nothing.
         logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)

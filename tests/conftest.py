@@ -25,6 +25,9 @@ from messaging.services import send_rate
 django_settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
 # Nor a pool (for the same reason); the real daphne processes of tests/servers.py use one.
 django_settings.DATABASES["default"].get("OPTIONS", {}).pop("pool", None)
+# Users made by the in-process tests get a fast hash (PBKDF2's was most of each test's setup);
+# the real daphne processes of tests/servers.py keep the real hashers for the users they make.
+django_settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 ORIGIN = b"http://localhost"
 TIMEOUT = 5

@@ -1,6 +1,7 @@
 """The asyncio client against a real daphne: exactly once, in order, through faults."""
 
 import asyncio
+import signal
 
 import pytest
 
@@ -134,3 +135,21 @@ async def test_a_refused_send_fails_its_waiter_and_leaves_the_outbox(deployment)
     assert failed.value.code == "unknown_user"
     assert cmid not in alice.state["outbox"]
     await alice.stop()
+
+
+async def test_sigterm_while_tabs_leave_stops_the_server_promptly(deployment):
+    """SIGTERM just as tabs close: the sockets' detaches announce presence from database
+    threads, and must not wait on the stopped event loop (they held the process for good, until
+    the harness's SIGKILL 10 s later)."""
+    server = deployment.start()
+    tabs = [tab(server, u)[0] for u in ("alice", "alice", "bob")]
+    for client in tabs:
+        await client.start()
+    await until(lambda: all(c.status == "online" for c in tabs))
+    for client in tabs:
+        await client.stop()
+    began = asyncio.get_running_loop().time()
+    server.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(server.proc.wait, 20)
+    assert asyncio.get_running_loop().time() - began < 5
+    assert code is not None
