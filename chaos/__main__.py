@@ -43,6 +43,12 @@ def parse(argv: list[str]) -> Options:
     p.add_argument("--rate", type=float, default=d.rate, help="sends per second at most")
     p.add_argument("--settle", type=float, default=d.settle, help="seconds to wait to settle")
     p.add_argument(
+        "--quiet-for",
+        type=float,
+        default=d.quiet,
+        help="settled once no delivery arrived for this many seconds",
+    )
+    p.add_argument(
         "--break", dest="break_", choices=BREAKS, help="serve a deliberately broken build"
     )
     p.add_argument("--database-url", help="PostgreSQL server URL (default: $DATABASE_URL)")
@@ -68,6 +74,7 @@ def parse(argv: list[str]) -> Options:
         fault_every=a.fault_every,
         rate=a.rate,
         settle=a.settle,
+        quiet=a.quiet_for,
         break_=a.break_,
         workdir=a.workdir,
         progress=not a.quiet,

@@ -24,7 +24,7 @@ from relayclient.http import HttpSession
 logger = logging.getLogger(__name__)
 
 BREAKS = ("dedup", "store-before-send")
-FAULTS = ("drop", "halfopen", "kill", "redis", "pgkill", "retry")
+FAULTS = ("drop", "halfopen", "offline", "kill", "redis", "pgkill", "retry")
 PASSWORD = "chaos-pass-1"
 
 # Read after the run inside the deployment: every stored message's token, and what is left
@@ -68,6 +68,8 @@ class Options:
     window: int = 200
     dm_share: float = 0.3
     settle: float = 120.0
+    # Settled means no delivery arrived for this long (tabs ping every 2 s when idle).
+    quiet: float = 6.0
     break_: str | None = None
     workdir: Path | None = None
     progress: bool = True
@@ -306,6 +308,17 @@ class ChaosRun:
                     for p in self.proxies
                 )
                 self.say(f"fault: cut {count} connections")
+            elif kind == "offline":
+                # Tabs with no network at all for a few seconds (a train tunnel, a sleeping
+                # laptop): no socket, no HTTP; then they come back with the state they had.
+                seconds = self.rng.uniform(1, 4)
+                chosen = self.rng.sample(
+                    self.tabs, self.rng.randint(1, max(1, len(self.tabs) // 10))
+                )
+                self.say(f"fault: {len(chosen)} tabs offline for {seconds:.1f}s")
+                await asyncio.gather(*(tab.stop() for tab in chosen))
+                await asyncio.sleep(seconds)
+                await asyncio.gather(*(tab.start() for tab in chosen))
             elif kind == "halfopen":
                 seconds = self.rng.uniform(3, 8)
                 count = sum(
@@ -385,10 +398,10 @@ class ChaosRun:
             lambda: all(t.status == "online" for t in self.tabs), self.o.settle, "tabs online"
         )
         # Deliveries still in flight drain, and the tabs find out about anything they missed by
-        # their own pings (every 2 s when idle): wait until nothing has arrived for 6 s.
+        # their own pings (every 2 s when idle): wait until nothing has arrived for a while.
         deadline = time.monotonic() + self.o.settle
         last, quiet_since = -1, time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - quiet_since < 6:
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < self.o.quiet:
             total = sum(len(v) for v in history.processed.values())
             if total != last:
                 last, quiet_since = total, time.monotonic()

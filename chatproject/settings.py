@@ -169,6 +169,11 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# Django's hashers unless PASSWORD_HASHERS (comma-separated dotted paths) says otherwise; the
+# test harness's throwaway deployments use a fast one, as password hashing is not under test.
+if os.environ.get("PASSWORD_HASHERS"):
+    PASSWORD_HASHERS = [h.strip() for h in os.environ["PASSWORD_HASHERS"].split(",") if h.strip()]
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"

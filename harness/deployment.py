@@ -7,12 +7,16 @@ REDIS_URL set it creates a fresh PostgreSQL database and a fresh Redis prefix, a
 With `own_redis=True` it starts a private redis-server instead, which the chaos tool restarts.
 """
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +42,29 @@ def _pg_admin(url: str, sql: str, *params: object) -> list:
     with psycopg.connect(admin, autocommit=True) as conn:
         cursor = conn.execute(sql, params or None)
         return cursor.fetchall() if cursor.description else []
+
+
+FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+
+
+def _migrations_key() -> str:
+    """
+    A digest of every migration file and the Django version: the name of a migrated template.
+    """
+    import django
+
+    digest = hashlib.sha1(django.get_version().encode())
+    for path in sorted(ROOT.glob("*/migrations/*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    # The backup API: a consistent copy, WAL included.
+    with contextlib.closing(sqlite3.connect(source)) as src:
+        with contextlib.closing(sqlite3.connect(target)) as dst:
+            src.backup(dst)
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
@@ -153,13 +180,14 @@ class Deployment:
         self.servers: list[Server] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
         self.env.update({"DJANGO_DEBUG": "0", "LOG_LEVEL": "INFO", **settings})
+        # Throwaway users: PBKDF2 would cost each login and each created user half a second.
+        self.env.setdefault("PASSWORD_HASHERS", FAST_HASHER)
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
         self._pg_db = None
         base = os.environ.get("DATABASE_URL")
         if base:
             self._pg_url = base
             self._pg_db = f"tabrelay_srv_{uuid.uuid4().hex[:12]}"
-            _pg_admin(base, f'CREATE DATABASE "{self._pg_db}"')
             parts = urlsplit(base)
             self.env["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{self._pg_db}"))
         else:
@@ -169,16 +197,47 @@ class Deployment:
             self.env["REDIS_URL"] = self.redis.url
         elif os.environ.get("REDIS_URL"):
             self.env["REDIS_PREFIX"] = f"srv-{uuid.uuid4().hex[:12]}"
-        self.manage("migrate", "--noinput", "-v", "0")
+        self._migrate()
 
-    def manage(self, *args: str) -> str:
+    def _migrate(self) -> None:
+        # Migrating costs a Django start-up and every migration, for every deployment: do it once
+        # per set of migrations, into a template that each deployment copies.
+        key = _migrations_key()
+        if self._pg_db:
+            template = f"tabrelay_tpl_{key}"
+            exists = "SELECT 1 FROM pg_database WHERE datname = %s"
+            if not _pg_admin(self._pg_url, exists, template):
+                fresh = f"tabrelay_tplnew_{uuid.uuid4().hex[:12]}"
+                _pg_admin(self._pg_url, f'CREATE DATABASE "{fresh}"')
+                parts = urlsplit(self._pg_url)
+                url = urlunsplit(parts._replace(path=f"/{fresh}"))
+                try:
+                    self.manage("migrate", "--noinput", "-v", "0", env={"DATABASE_URL": url})
+                    _pg_admin(self._pg_url, f'ALTER DATABASE "{fresh}" RENAME TO "{template}"')
+                except Exception:
+                    _pg_admin(self._pg_url, f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+                    if not _pg_admin(self._pg_url, exists, template):
+                        raise  # not just another run that made the template first
+            _pg_admin(self._pg_url, f'CREATE DATABASE "{self._pg_db}" TEMPLATE "{template}"')
+            return
+        template_path = Path(tempfile.gettempdir()) / f"tabrelay-template-{key}.sqlite3"
+        target = Path(self.env["SQLITE_PATH"])
+        if not template_path.exists():
+            self.manage("migrate", "--noinput", "-v", "0")
+            partial = template_path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
+            _sqlite_copy(target, partial)
+            os.replace(partial, template_path)
+        else:
+            _sqlite_copy(template_path, target)
+
+    def manage(self, *args: str, env: dict[str, str] | None = None) -> str:
         """
-        Run a management command against this deployment; its stdout.
+        Run a management command against this deployment (with `env` on top); its stdout.
         """
         done = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=120,

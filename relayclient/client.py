@@ -128,6 +128,7 @@ class RelayClient:
         Log in (unless the session already holds a login, as a browser's other tabs share
         one), register a client if there is none yet, and keep a socket open in the background.
         """
+        self._stopping = False  # started again after a stop(): a tab back from offline
         if not self.http.cookie("sessionid"):
             await self.http.login(self.username, self.password)
         if not self.client_id:

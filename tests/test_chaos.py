@@ -122,24 +122,25 @@ def short_run(**overrides) -> Options:
         "messages": 300,
         "processes": 1,
         "seed": 11,
-        "faults": ("drop", "halfopen", "kill", "retry"),
+        "faults": ("drop", "halfopen", "offline", "kill", "retry"),
         "fault_every": 40,
         "rate": 100.0,
         "settle": 60.0,
+        "quiet": 3.0,
         "progress": False,
     }
     return Options(**{**base, **overrides})
 
 
 async def test_short_seeded_run_finds_no_violation(tmp_path):
-    """Tabs sending through drops, half-open sockets, retries and a SIGKILL + restart: every
-    message reaches every target tab exactly once, in order; on PostgreSQL + Redis with two
-    processes, a Redis restart and killed database connections as well."""
+    """Tabs sending through drops, half-open sockets, tabs offline, retries and a SIGKILL +
+    restart: every message reaches every target tab exactly once, in order; on PostgreSQL +
+    Redis with two processes, a Redis restart and killed database connections as well."""
     if ON_SERVICES:
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is needed for the Redis restart fault")
         options = short_run(
-            processes=2, faults=("drop", "halfopen", "kill", "redis", "pgkill", "retry"),
+            processes=2, faults=("drop", "halfopen", "offline", "kill", "redis", "pgkill", "retry"),
             fault_every=30, workdir=tmp_path,
         )
     else:
@@ -168,10 +169,10 @@ async def test_without_dedup_the_checker_finds_messages_stored_twice(tmp_path):
 @pytest.mark.skipif(ON_SERVICES, reason="broken builds are shown once, on the defaults")
 async def test_without_store_before_send_the_checker_finds_lost_messages(tmp_path):
     """A build that only pushes to the sockets open at that moment (nothing queued for the
-    others) is caught: tabs cut off for a moment have lost messages."""
+    others) is caught: tabs offline for a few seconds have lost messages."""
     options = short_run(
-        messages=200, faults=("drop",), fault_every=10, break_="store-before-send",
-        workdir=tmp_path,
+        messages=150, rate=30.0, faults=("offline",), fault_every=50,
+        break_="store-before-send", workdir=tmp_path,
     )
     report = await ChaosRun(options).run()
     assert "lost" in report.violations

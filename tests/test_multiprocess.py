@@ -31,16 +31,8 @@ FAST_LIVENESS = {
 @pytest.fixture
 def deployment(tmp_path):
     dep = Deployment(tmp_path, **FAST_LIVENESS)
-    for name in ("alice", "bob"):
-        dep.create_user(name, f"{name}-pass-1")
-    dep.manage(
-        "shell",
-        "-c",
-        (
-            "from messaging.models import Room; from django.contrib.auth.models import User; "
-            "r = Room.objects.create(name='hall'); r.members.add(*User.objects.all())"
-        ),
-    )
+    users = ("alice", "bob")
+    dep.populate({name: f"{name}-pass-1" for name in users}, {"hall": list(users)})
     yield dep
     dep.close()
 

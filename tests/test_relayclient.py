@@ -14,9 +14,7 @@ USERS = ("alice", "bob")
 @pytest.fixture
 def deployment(tmp_path):
     dep = Deployment(tmp_path, MESSAGING_SEND_RATE="None")
-    for name in USERS:
-        dep.create_user(name, f"{name}-pass-1")
-    dep.create_room("hall", list(USERS))
+    dep.populate({name: f"{name}-pass-1" for name in USERS}, {"hall": list(USERS)})
     yield dep
     dep.close()
 
