@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, WebSocketRoute, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.servers import Deployment, Server, Session
 
@@ -378,7 +379,15 @@ def test_a_duplicated_tab_gets_its_own_client_and_both_tabs_keep_receiving(tabs,
     )
     copy.goto(f"{server.base_url}/#dupe")
     wait_online(copy)
-    original.wait_for_function(f"window.relay.clientId !== {json.dumps(shared)}")
+    try:
+        original.wait_for_function(f"window.relay.clientId !== {json.dumps(shared)}")
+    except PlaywrightError:
+        state = "() => [relay.clientId, relay.state, sessionStorage.getItem('relay:conn')]"
+        raise AssertionError(
+            f"the original kept the client: original {original.evaluate(state)} "
+            f"{tabs.console[original]}; copy {copy.evaluate(state)} {tabs.console.get(copy)}; "
+            f"storage copied {storage}"
+        ) from None
     wait_online(original)
     assert client_id(copy) == shared
     assert any("duplicated" in line for line in tabs.console[original])
