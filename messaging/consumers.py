@@ -12,19 +12,39 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
+from asgiref.sync import SyncToAsync
 from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError, connections
 
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError
 from clients.models import client_group, user_group
-from messaging import conf, services, validation
+from messaging import acks, conf, services, validation
 from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
 logger = logging.getLogger(__name__)
+
+
+class _PoolThreadCall(SyncToAsync):
+    """
+    A database call in the default thread pool that keeps the thread's connection for its next
+    call, unless the connection broke or was left inside a transaction.
+
+    channels' database_sync_to_async closes it after every call under CONN_MAX_AGE = 0 (which
+    HTTP needs: Django runs each request in a thread of its own, and their connections would
+    pile up); these few threads live as long as the process, and reconnecting (SQLite: opening
+    the file and its PRAGMAs) was a sixth of the server's time under load.
+    """
+
+    def thread_handler(self, loop: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().thread_handler(loop, *args, **kwargs)
+        finally:
+            for conn in connections.all(initialized_only=True):
+                conn.close_at = None  # no age limit for these threads' connections
+                conn.close_if_unusable_or_obsolete()
 
 
 def _db(func: Any) -> Any:
@@ -33,7 +53,7 @@ def _db(func: Any) -> Any:
     transaction of its own, so sockets need not queue behind one another in channels' single
     thread-sensitive thread.
     """
-    return database_sync_to_async(func, thread_sensitive=False)
+    return _PoolThreadCall(func, thread_sensitive=False)
 
 
 # A server-side dependency is down for now: reconnect later (4000 + HTTP 503, like the
@@ -186,7 +206,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         )
 
     async def _on_ack(self, frame: dict) -> None:
-        await self._ack(frame.get("seq"))
+        seq = validation.int_value(frame.get("seq"), "seq")
+        await acks.batcher(_db).ack(self.client_id, seq)
 
     async def _on_ping(self, frame: dict) -> None:
         # A ping is also a pull. Memberships are re-added first (a restarted Redis forgot
@@ -315,10 +336,6 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             validation.client_msg_id(cmid)
             raise Malformed("a send frame needs a body", code="invalid_body")
         return services.send_message(self.user, self.client_id, cmid, to, body)
-
-    @_db
-    def _ack(self, seq: object) -> int:
-        return services.ack(self.user, self.client_id, seq)
 
     @_db
     def _online_peers(self) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from clients.errors import Conflict, Forbidden, NotFound, RateLimited
@@ -283,6 +283,48 @@ def ack(user: AnyUser | None, client_id: object, seq: object) -> int:
             fields.append("resync_required")
         client.save(update_fields=fields)
     return upto
+
+
+def ack_many(acks: dict[uuid.UUID, int]) -> None:
+    """
+    Cumulative acks of several attached clients (client id: seq, already validated) in one
+    transaction: each one as `ack` would do it, with one DELETE and one UPDATE for them all.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        # Locked in id order, as sends lock their targets: no deadlock between the two.
+        rows = list(
+            Client.objects.select_for_update()
+            .filter(pk__in=list(acks))
+            .order_by("id")
+            .values_list("id", "head", "acked_seq", "resync_required")
+        )
+        ranges = Q()
+        acked: dict[uuid.UUID, int] = {}
+        caught_up: list[uuid.UUID] = []
+        for cid, head, acked_seq, resync in rows:
+            upto = min(acks[cid], head)  # an ack above the head counts as an ack of the head
+            if upto > acked_seq:
+                ranges |= Q(client_id=cid, seq__gt=acked_seq, seq__lte=upto)
+                acked[cid] = upto
+            if resync and upto == head:
+                caught_up.append(cid)
+        if acked:
+            Delivery.objects.filter(ranges).delete()
+        changes: dict = {"last_seen_at": now}
+        if acked:
+            changes["acked_seq"] = Case(
+                *(When(pk=cid, then=Value(upto)) for cid, upto in acked.items()),
+                default=F("acked_seq"),
+                output_field=Client._meta.get_field("acked_seq"),
+            )
+        if caught_up:
+            changes["resync_required"] = Case(
+                When(pk__in=caught_up, then=Value(False)),
+                default=F("resync_required"),
+                output_field=Client._meta.get_field("resync_required"),
+            )
+        Client.objects.filter(pk__in=[row[0] for row in rows]).update(**changes)
 
 
 def _room_dict(room: Room) -> dict:
