@@ -11,10 +11,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Case, F, Field, Q, Value, When
 from django.utils import timezone
 
 from clients.errors import Conflict, Forbidden, NotFound, RateLimited
@@ -193,13 +194,9 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
         cid for cid, head, acked, resync, _ in targets if not resync and head - acked >= limit
     ]
     if queued:
-        Client.objects.filter(id__in=[cid for cid, _, _ in queued]).update(head=F("head") + 1)
-        Delivery.objects.bulk_create(
-            [
-                Delivery(client_id=cid, seq=head + 1, message_id=message.pk)
-                for cid, head, _ in queued
-            ]
-        )
+        queued_ids = [cid for cid, _, _ in queued]
+        _insert_deliveries(queued_ids, message.pk)
+        Client.objects.filter(id__in=queued_ids).update(head=F("head") + 1)
     if overflowing:
         Client.objects.filter(id__in=overflowing).update(resync_required=True)
         logger.warning(
@@ -218,6 +215,25 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
     )
     group_send_after_commit((client_group(cid), RESYNC) for cid in overflowing)
     return SendResult(message.pk, duplicate=False)
+
+
+def _insert_deliveries(client_ids: list, message_id: int) -> None:
+    # One INSERT ... SELECT numbers every queue entry from its locked client row's head in the
+    # database: no model instance and no parameter row per tab (bulk_create of 200 deliveries
+    # was a fifth of the server's time in the 200-tab benchmark).
+    select, params = (
+        Client.objects.filter(id__in=client_ids)
+        .annotate(_seq=F("head") + 1, _message=Value(message_id))
+        .values_list("id", "_seq", "_message")
+        .query.sql_with_params()
+    )
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    columns = ", ".join(
+        connection.ops.quote_name(cast(str, cast(Field, Delivery._meta.get_field(name)).column))
+        for name in ("client", "seq", "message")
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {table} ({columns}) {select}", params)
 
 
 def pending_for(client_id: uuid.UUID | str, after: int, limit: int) -> Pending:
