@@ -6,6 +6,7 @@ Pushes are pokes: the consumer reads deliveries above the last seq it sent from 
 lost, duplicated or reordered pokes can neither lose nor double a delivery.
 """
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -60,6 +61,12 @@ def _db(func: Any) -> Any:
 # protocol's other codes; daphne refuses RFC 6455's own 1013 from an application).
 TRY_AGAIN_LATER = 4503
 
+# How long a poke that arrives ahead of a gap waits for the missing one before the consumer
+# reads the gap from the database, and how many such pokes it holds at most.
+GAP_WAIT = 0.05
+HOLD_MAX = 100
+_background: set[asyncio.Task] = set()
+
 CLOSE_SUPERSEDED = 4409
 CLOSE_GONE = 4404
 CLOSE_KICKED = 1012
@@ -75,6 +82,11 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     sent_seq = 0
     attached = False
     closing = False
+    gap_check_due = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: dict[int, tuple[int, str]] = {}  # pokes that came ahead of a gap, by seq
 
     # -- connection -------------------------------------------------------------------------
 
@@ -242,10 +254,40 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             # The next delivery, committed, and carried by the poke itself: no database read.
             await self.send(text_data=delivery_frame(seq, event["id"], event["tail"]))
             self.sent_seq = seq
+            while self.sent_seq + 1 in self.held:
+                seq = self.sent_seq + 1
+                message_id, tail = self.held.pop(seq)
+                await self.send(text_data=delivery_frame(seq, message_id, tail))
+                self.sent_seq = seq
             return
-        # A gap (an earlier poke was lost, or arrived before this socket attached): the
-        # database has every delivery, in order.
-        await self._flush()
+        if seq is None or len(self.held) >= HOLD_MAX:
+            await self._flush()
+            return
+        # A gap. Usually the poke before this one is a moment late (two sends committed close
+        # together, and the second pushed first): hold this one briefly. If the gap is still
+        # there then (that poke was lost, or came before this socket attached), the database
+        # has every delivery, in order.
+        self.held[seq] = (event["id"], event["tail"])
+        if not self.gap_check_due:
+            self.gap_check_due = True
+            asyncio.get_running_loop().call_later(GAP_WAIT, self._check_gap_later)
+
+    def _check_gap_later(self) -> None:
+        # Through the channel layer, so the check runs in turn with this consumer's handlers.
+        async def ask() -> None:
+            try:
+                await self.channel_layer.send(self.channel_name, {"type": "messaging.gap"})
+            except Exception:
+                self.gap_check_due = False  # the layer is down: the tab's next ping flushes
+
+        task = asyncio.get_running_loop().create_task(ask())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def messaging_gap(self, event: dict) -> None:
+        self.gap_check_due = False
+        if self.attached and not self.closing and self.held:
+            await self._flush()
 
     async def messaging_resync(self, event: dict) -> None:
         if self.attached and not self.closing:
@@ -293,6 +335,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                 await self.send(text_data=delivery_frame(seq, message_id, tail))
                 self.sent_seq = seq
             if len(page.rows) < batch:
+                self.held = {s: v for s, v in self.held.items() if s > self.sent_seq}
                 return page.head
         return None
 
