@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from asgiref.sync import SyncToAsync
+from channels.consumer import get_handler_name
 from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import InterfaceError, OperationalError, connections
@@ -87,6 +88,16 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.held: dict[int, tuple[int, str]] = {}  # pokes that came ahead of a gap, by seq
+
+    async def dispatch(self, message: dict) -> None:
+        # channels' dispatch first hops to the thread-sensitive thread to close old database
+        # connections, for every message: a thread round trip per poke (200 per message to a
+        # 200-tab room), all queued on one thread. This consumer's database calls run in the
+        # pool and manage their own connections (_PoolThreadCall): no hop needed.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     # -- connection -------------------------------------------------------------------------
 
