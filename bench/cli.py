@@ -27,7 +27,7 @@ SIZES: dict[str, tuple[type, object, object, str]] = {
     "workers": (int, 2, 2, "load-generator processes for throughput, fan-out and scale"),
     "users": (int, 4, 2, "ours: users the tabs belong to (all in the room; tabs share logins)"),
     "body_bytes": (int, 64, 64, "padding characters in each message body"),
-    "ack_delay": (float, 0.05, 0.05, "ours: RelayClient's ack batching delay, seconds"),
+    "ack_delay": (float, 0.2, 0.2, "ours: RelayClient's ack batching delay, seconds"),
     "tp_tabs": (int, 200, 20, "throughput: tabs in the room"),
     "tp_messages": (int, 20000, 400, "throughput: messages in total"),
     "tp_senders": (int, 0, 0, "throughput: tabs that send (0: every tab)"),

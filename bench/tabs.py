@@ -39,7 +39,7 @@ class OursTab:
             spec["password"],
             state=state,
             on_message=self._on_message,
-            ack_delay=spec.get("ack_delay", 0.05),
+            ack_delay=spec.get("ack_delay", 0.2),
             http_fallback_after=15.0,
             ping_interval=30.0,
         )

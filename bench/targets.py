@@ -77,7 +77,7 @@ class Ours:
         processes: int = 1,
         database_url: str | None = None,
         settings: dict[str, str] | None = None,
-        ack_delay: float = 0.05,
+        ack_delay: float = 0.2,
     ) -> None:
         self.ack_delay = ack_delay
         self.workdir = workdir

@@ -61,7 +61,8 @@ class RelayClient:
         state: dict | None = None,
         on_message: Callable[[int, dict], None] | None = None,
         on_frame: Callable[[dict], None] | None = None,
-        ack_delay: float = 0.05,
+        ack_delay: float = 0.2,
+        ack_every: int = 50,
         http_fallback_after: float = 3.0,
         ping_interval: float = 15.0,
         backoff: tuple[float, float] = (0.1, 3.0),
@@ -83,7 +84,9 @@ class RelayClient:
         self.state.setdefault("outbox", {})
         self.on_message = on_message
         self.on_frame = on_frame
-        self.ack_delay, self.ping_interval = ack_delay, ping_interval
+        # Acks are cumulative: one every ack_delay seconds, or at once when ack_every deliveries
+        # are unacked (relay.js does the same: 200 ms, 50).
+        self.ack_delay, self.ack_every, self.ping_interval = ack_delay, ack_every, ping_interval
         self.http_fallback_after, self.backoff = http_fallback_after, backoff
         self.status = "offline"
         self.ws: Any = None
@@ -91,6 +94,7 @@ class RelayClient:
         self._pong_head = 0
         self.resync_required = False
         self._acked = 0
+        self._acking_now = False
         self._ack_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._waiters: dict[str, asyncio.Future] = {}
@@ -349,11 +353,21 @@ class RelayClient:
         self.head = max(self.head, seq)
         if self.on_message is not None:
             self.on_message(seq, message)
-        if self._ack_task is None or self._ack_task.done():
-            self._ack_task = asyncio.create_task(self._ack_soon())
+        if seq - self._acked >= self.ack_every and not self._acking_now:
+            self._acking_now = True
+            self._spawn(self._ack_soon(0))
+        elif self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._ack_soon(self.ack_delay))
 
-    async def _ack_soon(self) -> None:
-        await asyncio.sleep(self.ack_delay)
+    async def _ack_soon(self, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            await self._ack_last()
+        finally:
+            if delay == 0:
+                self._acking_now = False
+
+    async def _ack_last(self) -> None:
         seq = self.last_seq
         if seq <= self._acked:
             return
@@ -427,7 +441,7 @@ class RelayClient:
                     self._settle(cmid, error=SendFailed(code, body["error"]["detail"]))
         await self._resync()
         if self.last_seq > self._acked:
-            await self._ack_soon()
+            await self._ack_last()
 
     async def sync(self) -> int:
         """

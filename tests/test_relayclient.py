@@ -151,3 +151,32 @@ async def test_sigterm_while_tabs_leave_stops_the_server_promptly(deployment):
     code = await asyncio.to_thread(server.proc.wait, 20)
     assert asyncio.get_running_loop().time() - began < 5
     assert code is not None
+
+
+async def test_acks_wait_for_ack_delay_unless_ack_every_deliveries_are_unacked(deployment):
+    """Acks are cumulative and batched: nothing before ack_delay for a few deliveries, one at
+    once when ack_every are unacked (the server's queue for the tab empties)."""
+    server = deployment.start()
+    (alice, _), (bob, got) = tab(server, "alice"), tab(server, "bob", ack_delay=30, ack_every=5)
+    await alice.start()
+    await bob.start()
+    await until(lambda: bob.status == "online")
+
+    async def queued() -> int:
+        status, page = await bob.http.request("GET", f"/api/clients/{bob.client_id}/messages")
+        assert status == 200
+        return len(page["deliveries"])
+
+    for i in range(4):
+        await alice.wait_sent(await alice.send({"user": "bob"}, i))
+    await until(lambda: len(got) == 4)
+    await asyncio.sleep(0.5)
+    assert await queued() == 4  # below ack_every, and ack_delay is far off
+    await alice.wait_sent(await alice.send({"user": "bob"}, 4))
+    await until(lambda: len(got) == 5)
+    deadline = asyncio.get_running_loop().time() + 5
+    while await queued():
+        assert asyncio.get_running_loop().time() < deadline, "the fifth delivery sent no ack"
+        await asyncio.sleep(0.1)
+    await alice.stop()
+    await bob.stop()
