@@ -18,6 +18,7 @@ from messaging import services
 # Clients per transaction: a bound on the statement's size (SQLite parses a chain of ORs as a
 # tree at most 1,000 deep).
 BATCH = 200
+RETRY_AFTER = 0.2  # seconds before a failed batch is written once more
 
 
 class AckBatcher:
@@ -50,10 +51,15 @@ class AckBatcher:
             while self._pending:
                 ids = list(self._pending)[:BATCH]
                 batch = {cid: self._pending.pop(cid) for cid in ids}
+                acks = {cid: seq for cid, (seq, _) in batch.items()}
                 try:
-                    await self._run_db(services.ack_many)(
-                        {cid: seq for cid, (seq, _) in batch.items()}
-                    )
+                    try:
+                        await self._run_db(services.ack_many)(acks)
+                    except Exception:
+                        # One failure (a lock timeout, a dropped connection) would fail every
+                        # socket's ack in the batch, and a tab need not repeat an ack: retry once.
+                        await asyncio.sleep(RETRY_AFTER)
+                        await self._run_db(services.ack_many)(acks)
                 except Exception as exc:
                     self._settle(batch, exc)
                 else:

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 class _PoolThreadCall(SyncToAsync):
     """
     A database call in the default thread pool that keeps the thread's connection for its next
-    call, unless the connection broke or was left inside a transaction.
+    call (unless it comes from a pool), unless the connection broke or was left inside a
+    transaction.
 
     channels' database_sync_to_async closes it after every call under CONN_MAX_AGE = 0 (which
     HTTP needs: Django runs each request in a thread of its own, and their connections would
@@ -45,7 +46,11 @@ class _PoolThreadCall(SyncToAsync):
             return super().thread_handler(loop, *args, **kwargs)
         finally:
             for conn in connections.all(initialized_only=True):
-                conn.close_at = None  # no age limit for these threads' connections
+                if not conn.settings_dict.get("OPTIONS", {}).get("pool"):
+                    # No age limit for these threads' connections. With a connection pool
+                    # (PostgreSQL) the connection goes back to it instead: held for good, up to
+                    # one per pool thread (CPUs + 4) could drain the pool.
+                    conn.close_at = None
                 conn.close_if_unusable_or_obsolete()
 
 
@@ -83,7 +88,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     sent_seq = 0
     attached = False
     closing = False
-    gap_check_due = False
+    gap_check_until = 0.0  # event-loop time until which a scheduled gap check is awaited
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -279,9 +284,11 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         # there then (that poke was lost, or came before this socket attached), the database
         # has every delivery, in order.
         self.held[seq] = (event["id"], event["tail"])
-        if not self.gap_check_due:
-            self.gap_check_due = True
-            asyncio.get_running_loop().call_later(GAP_WAIT, self._check_gap_later)
+        loop = asyncio.get_running_loop()
+        # A check already on its way is trusted for a second (a Redis restart can lose it).
+        if loop.time() >= self.gap_check_until:
+            self.gap_check_until = loop.time() + GAP_WAIT + 1.0
+            loop.call_later(GAP_WAIT, self._check_gap_later)
 
     def _check_gap_later(self) -> None:
         # Through the channel layer, so the check runs in turn with this consumer's handlers.
@@ -289,14 +296,17 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             try:
                 await self.channel_layer.send(self.channel_name, {"type": "messaging.gap"})
             except Exception:
-                self.gap_check_due = False  # the layer is down: the tab's next ping flushes
+                # A full channel or a layer that is down: try again a little later (the tab's
+                # next ping also flushes).
+                if self.attached and not self.closing:
+                    asyncio.get_running_loop().call_later(GAP_WAIT * 4, self._check_gap_later)
 
         task = asyncio.get_running_loop().create_task(ask())
         _background.add(task)
         task.add_done_callback(_background.discard)
 
     async def messaging_gap(self, event: dict) -> None:
-        self.gap_check_due = False
+        self.gap_check_until = 0.0
         if self.attached and not self.closing and self.held:
             await self._flush()
 

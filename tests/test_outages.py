@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.db import OperationalError
 
@@ -103,6 +104,37 @@ async def test_pokes_out_of_order_are_put_back_in_order_without_a_database_read(
     frames = await ta.deliveries(2)
     assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, "poke"), (2, "poke")]
     assert await ta.nothing()
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_a_gap_check_the_layer_refuses_is_tried_again(alice, bob, monkeypatch):
+    """The check that reads a gap from the database goes through the channel layer (in turn with
+    the socket's other work); when the layer refuses it (a full channel, Redis restarting), it
+    is tried again rather than left to the tab's next ping."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta = await connect_tab(alice, a1)
+    tb = await connect_tab(bob, b1)
+    real = services.channel_send_after_commit
+    monkeypatch.setattr(services, "channel_send_after_commit", lambda events: None)
+    await tb.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    await tb.recv_type("sent")
+    monkeypatch.setattr(services, "channel_send_after_commit", real)
+    layer = get_channel_layer()
+    layer_send = layer.send
+    refused: list = []
+
+    async def refusing_one_gap_check(channel, message):
+        if message.get("type") == "messaging.gap" and not refused:
+            refused.append(channel)
+            raise ChannelFull(channel)
+        return await layer_send(channel, message)
+
+    monkeypatch.setattr(layer, "send", refusing_one_gap_check)
+    await tb.send({"type": "send", "client_msg_id": "m2", "to": {"user": "alice"}, "body": 2})
+    frames = await ta.deliveries(2, timeout=3)
+    assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, 1), (2, 2)]
+    assert refused
     await ta.disconnect()
     await tb.disconnect()
 
