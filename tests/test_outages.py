@@ -108,10 +108,10 @@ async def test_pokes_out_of_order_are_put_back_in_order_without_a_database_read(
     await tb.disconnect()
 
 
-async def test_a_gap_check_the_layer_refuses_is_tried_again(alice, bob, monkeypatch):
-    """The check that reads a gap from the database goes through the channel layer (in turn with
-    the socket's other work); when the layer refuses it (a full channel, Redis restarting), it
-    is tried again rather than left to the tab's next ping."""
+async def first_poke_lost(alice, bob, monkeypatch):
+    """
+    Tabs of alice and bob; bob sends alice message 1 (body 1) and its push is lost.
+    """
     a1, b1 = await new_client(alice), await new_client(bob)
     ta = await connect_tab(alice, a1)
     tb = await connect_tab(bob, b1)
@@ -120,6 +120,14 @@ async def test_a_gap_check_the_layer_refuses_is_tried_again(alice, bob, monkeypa
     await tb.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
     await tb.recv_type("sent")
     monkeypatch.setattr(services, "channel_send_after_commit", real)
+    return ta, tb
+
+
+async def test_a_gap_check_the_layer_refuses_is_tried_again(alice, bob, monkeypatch):
+    """The check that reads a gap from the database goes through the channel layer (in turn with
+    the socket's other work); when the layer refuses it (a full channel, Redis restarting), it
+    is tried again rather than left to the tab's next ping."""
+    ta, tb = await first_poke_lost(alice, bob, monkeypatch)
     layer = get_channel_layer()
     layer_send = layer.send
     refused: list = []
@@ -146,18 +154,11 @@ async def test_a_lost_poke_is_noticed_by_the_next_one_and_read_from_the_database
     sends both from the database, in order, instead of skipping the first."""
     from clients import push
 
-    a1, b1 = await new_client(alice), await new_client(bob)
-    ta = await connect_tab(alice, a1)
-    tb = await connect_tab(bob, b1)
-    real = services.channel_send_after_commit
-    monkeypatch.setattr(services, "channel_send_after_commit", lambda events: None)
-    await tb.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
-    await tb.recv_type("sent")
-    monkeypatch.setattr(services, "channel_send_after_commit", real)
+    ta, tb = await first_poke_lost(alice, bob, monkeypatch)
     await tb.send({"type": "send", "client_msg_id": "m2", "to": {"user": "alice"}, "body": 2})
     frames = await ta.deliveries(2)
     assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, 1), (2, 2)]
-    assert push.channel_send_after_commit is real
+    assert push.channel_send_after_commit is services.channel_send_after_commit
     await ta.disconnect()
     await tb.disconnect()
 
