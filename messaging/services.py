@@ -6,16 +6,16 @@ Store, then send: a message and one delivery per target client are committed in 
 transaction, and connected tabs are poked through the channel layer only after the commit.
 """
 
+import functools
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import cast
 
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Field, Value
+from django.db.models import F, Value
 from django.utils import timezone
 
 from clients.errors import Conflict, Forbidden, NotFound, RateLimited
@@ -227,13 +227,8 @@ def _insert_deliveries(client_ids: list, message_id: int) -> None:
         .values_list("id", "_seq", "_message")
         .query.sql_with_params()
     )
-    table = connection.ops.quote_name(Delivery._meta.db_table)
-    columns = ", ".join(
-        connection.ops.quote_name(cast(str, cast(Field, Delivery._meta.get_field(name)).column))
-        for name in ("client", "seq", "message")
-    )
     with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {table} ({columns}) {select}", params)
+        cursor.execute(f"{_statements()['insert_deliveries']} {select}", params)
 
 
 def pending_for(client_id: uuid.UUID | str, after: int, limit: int) -> Pending:
@@ -331,30 +326,25 @@ def ack_many(acks: dict[uuid.UUID, int]) -> None:
         # hundreds of clients cost more than the database work.
         with connection.cursor() as cursor:
             if deletes:
-                cursor.executemany(_SQL["ack_delete"], deletes)
-            cursor.executemany(_SQL["ack_update"], updates)
+                cursor.executemany(_statements()["ack_delete"], deletes)
+            cursor.executemany(_statements()["ack_update"], updates)
         if caught_up:
             Client.objects.filter(pk__in=caught_up).update(resync_required=False)
 
 
+@functools.cache
 def _statements() -> dict[str, str]:
+    # The few statements written by hand (hot paths), for this process's database.
     q = connection.ops.quote_name
     delivery, client = q(Delivery._meta.db_table), q(Client._meta.db_table)
     return {
+        "insert_deliveries": f"INSERT INTO {delivery}"
+        f" ({q('client_id')}, {q('seq')}, {q('message_id')})",
         "ack_delete": f"DELETE FROM {delivery} WHERE {q('client_id')} = %s"
         f" AND {q('seq')} > %s AND {q('seq')} <= %s",
         "ack_update": f"UPDATE {client} SET {q('acked_seq')} = %s, {q('last_seen_at')} = %s"
         f" WHERE {q('id')} = %s",
     }
-
-
-class _Statements(dict):
-    def __missing__(self, key: str) -> str:
-        self.update(_statements())
-        return self[key]
-
-
-_SQL: dict[str, str] = _Statements()
 
 
 def _room_dict(room: Room) -> dict:
