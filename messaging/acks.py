@@ -6,9 +6,16 @@ made acks the largest share of the server's work under load (200 tabs in one roo
 time, most of it waiting for SQLite's write lock), and they fell behind the deliveries. Here a
 socket's ack joins the batch being collected while the previous one is written: under light load
 an ack is written at once, alone; under heavy load hundreds go in one transaction.
+
+The batches run on a thread of their own: in the shared pool they queued behind every send
+waiting there (200 senders: 200 send transactions ahead of each batch), and acks fell behind
+the deliveries by tens of thousands under load. A socket does not wait for its ack to be
+written either (see the consumer's _on_ack).
 """
 
 import asyncio
+import concurrent.futures
+import functools
 import uuid
 import weakref
 from typing import Any
@@ -27,14 +34,15 @@ class AckBatcher:
     """
 
     def __init__(self, run_db: Any) -> None:
-        self._run_db = run_db  # how a database call is run off the event loop
+        self._run_db = run_db  # how a database call is run off the event loop, given a thread
         self._pending: dict[uuid.UUID, tuple[int, list[asyncio.Future]]] = {}
         self._writing = False
         self._task: asyncio.Task | None = None
 
-    async def ack(self, client_id: uuid.UUID, seq: int) -> None:
+    def submit(self, client_id: uuid.UUID, seq: int) -> asyncio.Future:
         """
-        Ack `seq` for the client; returns once it is written (raises what the write raised).
+        Ack `seq` for the client; the future settles once it is written (with what the write
+        raised, if it failed).
         """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -44,7 +52,13 @@ class AckBatcher:
         if not self._writing:
             self._writing = True
             self._task = loop.create_task(self._write())
-        await future
+        return future
+
+    async def ack(self, client_id: uuid.UUID, seq: int) -> None:
+        """
+        Ack `seq` for the client; returns once it is written (raises what the write raised).
+        """
+        await self.submit(client_id, seq)
 
     async def _write(self) -> None:
         try:
@@ -54,12 +68,12 @@ class AckBatcher:
                 acks = {cid: seq for cid, (seq, _) in batch.items()}
                 try:
                     try:
-                        await self._run_db(services.ack_many)(acks)
+                        await self._run_db(services.ack_many, _thread())(acks)
                     except Exception:
                         # One failure (a lock timeout, a dropped connection) would fail every
                         # socket's ack in the batch, and a tab need not repeat an ack: retry once.
                         await asyncio.sleep(RETRY_AFTER)
-                        await self._run_db(services.ack_many)(acks)
+                        await self._run_db(services.ack_many, _thread())(acks)
                 except Exception as exc:
                     self._settle(batch, exc)
                 else:
@@ -77,6 +91,12 @@ class AckBatcher:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
+
+
+@functools.cache
+def _thread() -> concurrent.futures.ThreadPoolExecutor:
+    # The process's ack-writing thread (shared by every event loop's batcher: tests run many).
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="acks")
 
 
 _batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AckBatcher]" = (

@@ -54,13 +54,13 @@ class _PoolThreadCall(SyncToAsync):
                 conn.close_if_unusable_or_obsolete()
 
 
-def _db(func: Any) -> Any:
+def _db(func: Any, executor: Any = None) -> Any:
     """
-    A consumer's database call, run in the default thread pool: each call is one short
-    transaction of its own, so sockets need not queue behind one another in channels' single
-    thread-sensitive thread.
+    A consumer's database call, run in the default thread pool (or `executor`): each call is
+    one short transaction of its own, so sockets need not queue behind one another in channels'
+    single thread-sensitive thread.
     """
-    return _PoolThreadCall(func, thread_sensitive=False)
+    return _PoolThreadCall(func, thread_sensitive=False, executor=executor)
 
 
 # A server-side dependency is down for now: reconnect later (4000 + HTTP 503, like the
@@ -79,6 +79,12 @@ CLOSE_KICKED = 1012
 _MISSING = object()
 
 
+def _background_task(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)  # held until done (the loop keeps only weak references)
+    task.add_done_callback(_background.discard)
+
+
 class DeliveryConsumer(AsyncWebsocketConsumer):
     """
     Pushes a client's deliveries in seq order and takes its sends, acks, typing and pings.
@@ -89,6 +95,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     attached = False
     closing = False
     gap_check_until = 0.0  # event-loop time until which a scheduled gap check is awaited
+    last_ack: asyncio.Future | None = None  # the write of the socket's latest ack
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -234,13 +241,32 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         )
 
     async def _on_ack(self, frame: dict) -> None:
+        # Not awaited: the socket goes on with its next frame and pokes while the ack joins a
+        # batch. A failed write gets its error frame when it fails; a ping waits for the ack
+        # before it (the pong finds the ack written).
         seq = validation.int_value(frame.get("seq"), "seq")
-        await acks.batcher(_db).ack(self.client_id, seq)
+        self.last_ack = acks.batcher(_db).submit(self.client_id, seq)
+        self.last_ack.add_done_callback(self._ack_written)
+
+    def _ack_written(self, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is None:
+            return
+        exc = future.exception()
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            logger.warning("database unavailable for client %s: %s", self.client_id, exc)
+            code, detail = "unavailable", "the database is unavailable; retry"
+        else:
+            logger.error("unexpected error writing an ack of client %s: %r", self.client_id, exc)
+            code, detail = "internal_error", "the server failed; retry"
+        if self.attached and not self.closing:
+            _background_task(self._send_error(code, detail))
 
     async def _on_ping(self, frame: dict) -> None:
         # A ping is also a pull. Memberships are re-added first (a restarted Redis forgot
         # them, and no poke would reach this socket again), then anything whose poke was lost
         # goes out on this socket, so the pong's head finds the tab caught up.
+        if self.last_ack is not None and not self.last_ack.done():
+            await asyncio.wait([self.last_ack])
         try:
             await self._join_groups()
         except Exception as exc:
@@ -301,9 +327,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                 if self.attached and not self.closing:
                     asyncio.get_running_loop().call_later(GAP_WAIT * 4, self._check_gap_later)
 
-        task = asyncio.get_running_loop().create_task(ask())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        _background_task(ask())
 
     async def messaging_gap(self, event: dict) -> None:
         self.gap_check_until = 0.0
@@ -399,7 +423,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         if body is _MISSING:
             validation.client_msg_id(cmid)
             raise Malformed("a send frame needs a body", code="invalid_body")
-        return services.send_message(self.user, self.client_id, cmid, to, body)
+        return services.send_from_socket(self.user, self.client_id, cmid, to, body)
 
     @_db
     def _online_peers(self) -> list[str]:

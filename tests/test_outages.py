@@ -14,7 +14,7 @@ from django.db import OperationalError
 from clients import services as client_services
 from clients.models import Client
 from messaging import services
-from messaging.models import Message
+from messaging.models import Delivery, Message
 from tests.conftest import api_post, connect_tab, http_as, new_client, refused_with
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,16 +44,47 @@ async def test_a_send_frame_gets_unavailable_and_the_socket_stays_usable(alice, 
     the same send afterwards is stored once."""
     a1 = await new_client(alice)
     tab = await connect_tab(alice, a1)
-    real = services.send_message
-    monkeypatch.setattr(services, "send_message", database_down)
+    real = services.send_from_socket
+    monkeypatch.setattr(services, "send_from_socket", database_down)
     frame = {"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": "x"}
     await tab.send(frame)
     error = await tab.recv_type("error")
     assert (error["code"], error["client_msg_id"]) == ("unavailable", "m1")
-    monkeypatch.setattr(services, "send_message", real)
+    monkeypatch.setattr(services, "send_from_socket", real)
     await tab.send(frame)
     assert (await tab.recv_type("sent"))["duplicate"] is False
     assert await database_sync_to_async(Message.objects.count)() == 1
+    await tab.disconnect()
+
+
+async def test_an_ack_that_cannot_be_written_gets_unavailable_and_a_later_ack_lands(
+    alice, monkeypatch
+):
+    """Acks are written in batches while the socket goes on: a batch that fails twice gets each
+    of its sockets an `unavailable` frame, the socket stays usable, and the next ack lands."""
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    frame = {"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": "x"}
+    await tab.send(frame)
+    assert (await tab.recv_type("delivery"))["seq"] == 1
+    calls = []
+
+    def ack_down(acks):
+        calls.append(dict(acks))
+        raise OperationalError("server closed the connection unexpectedly")
+
+    real = services.ack_many
+    monkeypatch.setattr(services, "ack_many", ack_down)
+    await tab.send({"type": "ack", "seq": 1})
+    error = await tab.recv_type("error")
+    assert error["code"] == "unavailable"
+    assert len(calls) == 2  # written once more before giving up
+    assert await database_sync_to_async(Delivery.objects.count)() == 1
+    monkeypatch.setattr(services, "ack_many", real)
+    await tab.send({"type": "ack", "seq": 1})
+    await tab.send({"type": "ping"})  # answered once the ack before it is written
+    assert (await tab.recv_type("pong"))["head"] == 1
+    assert await database_sync_to_async(Delivery.objects.count)() == 0
     await tab.disconnect()
 
 
