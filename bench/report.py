@@ -340,6 +340,12 @@ def notes(results: dict) -> list[str]:
                     f"{r['latency_ms']['n']} messages measured, {r['timed_out']} timed out, "
                     f"max {_fmt(r['latency_ms']['max'])} ms"
                 )
+                first = r.get("first_tab_ms") or {}
+                if first.get("p50") is not None:
+                    extra.append(
+                        f"until the first tab has it: p50 {_fmt(first['p50'])} ms, "
+                        f"p99 {_fmt(first['p99'])} ms"
+                    )
                 if r.get("cut_by_time"):
                     extra.append(f"{r['cut_by_time']} not sent (time bound)")
                 if r.get("reconnects"):

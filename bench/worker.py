@@ -171,12 +171,12 @@ class Worker:
         self.last_recv = t
         rec = self.recv.get(token)
         if rec is None:
-            rec = self.recv[token] = [1, t]
+            rec = self.recv[token] = [1, t, t]
         else:
             rec[0] += 1
             rec[1] = t
         if self.watch and rec[0] == self.watch:
-            self.conn.send(("have", token, t))
+            self.conn.send(("have", token, t, rec[2]))
 
     async def _stop_all(self) -> None:
         tabs = [*self.tabs, *([self.sender] if self.sender else [])]
@@ -301,7 +301,8 @@ class Worker:
 
     async def cmd_watch(self, a: dict) -> dict:
         """
-        From now on, report ("have", token, t) when every tab of this worker has a token.
+        From now on, report ("have", token, t, first) when every tab of this worker has a token
+        (t: when the last one had it; first: when the first one had it).
         """
         self._reset()
         self.watch = len(self.tabs)

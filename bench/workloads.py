@@ -117,7 +117,7 @@ async def throughput(
     for r in results:
         sent_at.update(r["sent_at"])
         stored_at.update(r["stored_at"])
-        for token, (c, t) in r["recv"].items():
+        for token, (c, t, _) in r["recv"].items():
             count[token] = count.get(token, 0) + c
             last[token] = max(last.get(token, 0.0), t)
     latencies = [last[tok] - sent_at[tok] for tok in stored_at if count.get(tok, 0) >= tabs]
@@ -158,17 +158,20 @@ async def throughput(
     }
 
 
-async def _wait_have(handle: WorkerHandle, token: str, deadline: float) -> float | None:
+async def _wait_have(
+    handle: WorkerHandle, token: str, deadline: float
+) -> tuple[float, float] | None:
+    # (when the worker's last tab had the token, when its first one had it)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
         try:
-            _, got, t = await asyncio.wait_for(handle.haves.get(), left)
+            _, got, t, first = await asyncio.wait_for(handle.haves.get(), left)
         except TimeoutError:
             return None
         if got == token:
-            return t
+            return t, first
 
 
 async def fanout(
@@ -196,6 +199,7 @@ async def fanout(
         await asyncio.gather(*(h.request("watch") for h in handles))
         meter = CpuMeter(target.pids)
         latencies: list[float] = []
+        firsts: list[float] = []
         lost = 0
         cut = 0
         stop_at = time.monotonic() + seconds
@@ -210,7 +214,8 @@ async def fanout(
             if any(t is None for t in times):
                 lost += 1
             elif k >= warmup:
-                latencies.append(max(t for t in times if t is not None) - t0)
+                latencies.append(max(t[0] for t in times if t is not None) - t0)
+                firsts.append(min(t[1] for t in times if t is not None) - t0)
             await asyncio.sleep(gap)
         ends = await asyncio.gather(*(h.request("fanout_end") for h in handles))
         server = meter.stop()
@@ -228,6 +233,12 @@ async def fanout(
             "p99": _ms(percentile(latencies, 99)),
             "max": _ms(max(latencies)) if latencies else None,
             "n": len(latencies),
+        },
+        # Until the first tab has it: the server's store-and-push time, before the spread
+        # over the tabs' sockets (and over the load generator's processing of their frames).
+        "first_tab_ms": {
+            "p50": _ms(percentile(firsts, 50)),
+            "p99": _ms(percentile(firsts, 99)),
         },
         "open_s": open_s,
         "client": _client_summary(ends),

@@ -19,6 +19,7 @@ from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import InterfaceError, OperationalError, connections
 
+from clients import push
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError
 from clients.models import client_group, user_group
@@ -96,6 +97,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     closing = False
     gap_check_until = 0.0  # event-loop time until which a scheduled gap check is awaited
     last_ack: asyncio.Future | None = None  # the write of the socket's latest ack
+    _loop: asyncio.AbstractEventLoop | None = None  # set once the socket takes pokes directly
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -150,6 +152,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             return
         client = attachment.client
         await self._send_json({"type": "hello", "client_id": str(client.id), "head": client.head})
+        self._loop = asyncio.get_running_loop()
+        push.local_receivers[self.channel_name] = self.take_poke
         await self._flush()
         if client.resync_required:
             await self._send_resync()
@@ -175,6 +179,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if push.local_receivers.get(self.channel_name) == self.take_poke:
+                del push.local_receivers[self.channel_name]
             if self.attached:
                 # The consumer died without a disconnect (its channel layer failed under it,
                 # and daphne closes the socket with 1011): free the client all the same, or it
@@ -184,6 +190,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                     await self._detach_client()
 
     async def disconnect(self, code: int) -> None:
+        if push.local_receivers.get(self.channel_name) == self.take_poke:
+            del push.local_receivers[self.channel_name]
         if not self.attached:
             return
         self.attached = False
@@ -286,6 +294,21 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     # -- channel-layer events -----------------------------------------------------------------
 
+    async def take_poke(self, event: dict) -> bool:
+        """
+        A poke handed over directly by a push of this process (clients.push.local_receivers):
+        the next delivery, or one already sent, is handled here and now, as messaging_poke
+        would; anything else (a gap: the poke before it is still on its way) returns False and
+        goes through the channel layer, in turn with this socket's other events.
+        """
+        if asyncio.get_running_loop() is not self._loop or event.get("type") != "messaging.poke":
+            return False
+        seq = event.get("seq")
+        if seq is None or seq > self.sent_seq + 1:
+            return False
+        await self.messaging_poke(event)
+        return True
+
     async def messaging_poke(self, event: dict) -> None:
         if not self.attached or self.closing:
             return
@@ -377,6 +400,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                 await self._close(CLOSE_GONE)
                 return None
             for seq, message_id, tail in page.rows:
+                if seq <= self.sent_seq:
+                    continue  # sent meanwhile, by a poke taken while this page was read
                 await self.send(text_data=delivery_frame(seq, message_id, tail))
                 self.sent_seq = seq
             if len(page.rows) < batch:

@@ -92,6 +92,7 @@ class RelayClient:
         self.ws: Any = None
         self.head = 0
         self._pong_head = 0
+        self._last_frame_at = 0.0  # event-loop time of the socket's latest frame
         self.resync_required = False
         self._acked = 0
         self._acking_now = False
@@ -289,13 +290,32 @@ class RelayClient:
             self._acked = self.last_seq
         for cmid in list(self.state["outbox"]):
             await self._send_frame(cmid)
-        while not self._stopping:
-            try:
-                raw = await asyncio.wait_for(ws.recv(), self.ping_interval)
-            except TimeoutError:
-                await ws.send('{"type":"ping"}')
+        # A ping after ping_interval without a frame, from a task of its own: a timeout around
+        # every receive (asyncio.wait_for: a task and a timer per frame) was a third of this
+        # client's time per delivery.
+        loop = asyncio.get_running_loop()
+        self._last_frame_at = loop.time()
+        pinger = loop.create_task(self._ping_when_quiet(ws))
+        try:
+            while not self._stopping:
+                raw = await ws.recv()
+                self._last_frame_at = loop.time()
+                await self._on_frame(json.loads(raw))
+        finally:
+            pinger.cancel()
+
+    async def _ping_when_quiet(self, ws: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            quiet = loop.time() - self._last_frame_at
+            if quiet < self.ping_interval:
+                await asyncio.sleep(self.ping_interval - quiet)
                 continue
-            await self._on_frame(json.loads(raw))
+            self._last_frame_at = loop.time()
+            try:
+                await ws.send('{"type":"ping"}')
+            except websockets.ConnectionClosed:
+                return  # the receive loop sees it too
 
     async def _on_frame(self, frame: dict) -> None:
         kind = frame.get("type")

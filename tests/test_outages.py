@@ -223,8 +223,12 @@ async def test_a_consumer_that_dies_mid_life_frees_its_client(alice, monkeypatch
 
     # The next receive of the consumer's channel fails, as channels-redis's does without Redis.
     monkeypatch.setattr(type(layer), "_clean_expired", layer_gone)
-    # Wake the consumer's pending receive once, so its next receive meets the failed layer.
-    await tab.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    # Wake the consumer's pending receive once, so its next receive meets the failed layer (a
+    # poke would not: this process's pushes hand them to the socket directly).
+    channel = await database_sync_to_async(
+        lambda: Client.objects.values_list("channel_name", flat=True).get(pk=a1)
+    )()
+    await layer.send(channel, {"type": "messaging.gap"})
     with pytest.raises(ConnectionError):
         await tab.comm.wait(timeout=5)
     client = await database_sync_to_async(Client.objects.get)(pk=a1)

@@ -75,3 +75,33 @@ def test_partial_ack_keeps_the_resync_flag(alice, bob, settings):
     assert [d["seq"] for d in page["deliveries"]] == [2]
     assert api_post(http_a, f"/api/clients/{a1}/ack", {"seq": 2}).json() == {"acked": 2}
     assert "resync_required" not in http_a.get(f"/api/clients/{a1}/messages").json()
+
+
+def test_batched_acks_follow_the_ack_rules(alice, bob, settings):
+    """services.ack_many (the sockets' batched acks) acks as one HTTP ack would: cumulative, an
+    ack above the head counts as the head, a lower one changes nothing, and acking the head of
+    a client that must resync queues it again."""
+    from clients.services import register_client
+    from messaging import services
+
+    settings.MESSAGING_QUEUE_LIMIT = 3
+    sender = register_client(bob).pk
+    low, high, full = (register_client(alice).pk for _ in range(3))
+    for i in range(4):  # 4 messages: every alice client reaches the limit of 3 (resync)
+        services.send_message(bob, sender, f"m{i}", {"user": "alice"}, i)
+
+    def row(cid):
+        c = Client.objects.get(pk=cid)
+        left = sorted(Delivery.objects.filter(client_id=cid).values_list("seq", flat=True))
+        return c.head, c.acked_seq, c.resync_required, left
+
+    assert row(low) == (3, 0, True, [1, 2, 3])
+    services.ack_many({low: 2, high: 99, full: 3})
+    assert row(low) == (3, 2, True, [3])  # below the head: still resyncing
+    assert row(high) == (3, 3, False, [])  # above the head: the head, and queued again
+    assert row(full) == (3, 3, False, [])
+    services.ack_many({low: 1})  # lower than acked: nothing changes
+    assert row(low) == (3, 2, True, [3])
+    services.send_message(bob, sender, "m9", {"user": "alice"}, 9)
+    assert row(high) == (4, 3, False, [4])  # queued again after the resync
+    assert row(low) == (3, 2, True, [3])  # still over the limit: nothing queued
