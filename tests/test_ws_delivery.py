@@ -311,3 +311,36 @@ async def test_a_ping_rejoins_groups_a_restarted_channel_layer_forgot(alice, bob
     assert delivery["type"] == "delivery" and delivery["message"]["body"] == "back"
     await ta.disconnect()
     await tb.disconnect()
+
+
+async def test_pokes_to_sockets_of_this_process_skip_the_channel_layer(alice, bob, monkeypatch):
+    """A delivery to a socket of the sending process is handed to it directly (no channel-layer
+    message per tab), in order; a socket of another process (here: a channel without a local
+    socket) is still poked through the layer."""
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta, tb = await connect_tab(alice, a1), await connect_tab(bob, b1)
+    layer = get_channel_layer()
+    through_layer = []
+    real_send = type(layer).send
+
+    async def recording_send(self, channel, message):
+        through_layer.append(message["type"])
+        await real_send(self, channel, message)
+
+    monkeypatch.setattr(type(layer), "send", recording_send)
+    for i in range(5):
+        await ta.send(send_frame(f"m{i}", {"user": "bob"}, i))
+    assert [f["seq"] for f in await tb.deliveries(5)] == [1, 2, 3, 4, 5]
+    assert [f["seq"] for f in await ta.deliveries(5)] == [1, 2, 3, 4, 5]
+    assert "messaging.poke" not in through_layer
+
+    # Bob's client now belongs to a socket elsewhere: its pokes go through the layer.
+    await tb.disconnect()
+    elsewhere = await layer.new_channel()
+    await database_sync_to_async(Client.objects.filter(pk=b1).update)(channel_name=elsewhere)
+    await ta.send(send_frame("m9", {"user": "bob"}, 9))
+    assert (await ta.deliveries(1))[0]["seq"] == 6
+    poke = await layer.receive(elsewhere)
+    assert (poke["type"], poke["seq"]) == ("messaging.poke", 6)
+    assert through_layer.count("messaging.poke") == 1
+    await ta.disconnect()
