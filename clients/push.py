@@ -6,10 +6,10 @@ Real time is a bonus: the database is the source of truth, so a lost or failed p
 """
 
 import asyncio
-import concurrent.futures
+import collections
 import logging
 import os
-import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 
 from asgiref.sync import SyncToAsync, async_to_sync
@@ -66,8 +66,44 @@ def channel_send_now(events: list[tuple[str, dict]]) -> None:
     _push(_channel_send_all, events)
 
 
-# How long a database thread waits for its pushes before it gives up waiting (they still run).
-PUSH_WAIT = 10.0
+class _Pushes:
+    """
+    The pushes handed to one event loop, run one at a time in order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: collections.deque = collections.deque()
+        self.task: asyncio.Task | None = None
+
+    def add(self, item: tuple) -> None:
+        self.queue.append(item)
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self.queue:
+                send_all, layer, events = self.queue.popleft()
+                try:
+                    await send_all(layer, events)
+                except Exception as exc:
+                    logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)
+        finally:
+            self.task = None
+
+
+_pushes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pushes]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _enqueue(loop: asyncio.AbstractEventLoop, item: tuple) -> None:
+    # Runs in the loop's thread.
+    pushes = _pushes.get(loop)
+    if pushes is None:
+        pushes = _pushes[loop] = _Pushes(loop)
+    pushes.add(item)
 
 
 def _push(send_all, events: list[tuple[str, dict]]) -> None:
@@ -89,16 +125,11 @@ def _push(send_all, events: list[tuple[str, dict]]) -> None:
         if not loop.is_running():
             logger.info("event loop stopped: %d push(es) skipped", len(events))
             return
-        future = asyncio.run_coroutine_threadsafe(send_all(layer, events), loop)
-        deadline = time.monotonic() + PUSH_WAIT
-        while True:
-            try:
-                future.result(timeout=0.25)
-                return
-            except concurrent.futures.TimeoutError:
-                if not loop.is_running() or time.monotonic() > deadline:
-                    logger.warning("not waiting longer for %d push(es)", len(events))
-                    return
+        # Not waited for: the database thread goes on with its next call (waiting held a pool
+        # thread per send for the pushes' Redis round trips and for the busy loop to get to
+        # them). The loop runs them one after the other, in the order they were handed over, so
+        # the pokes of two sends do not interleave (a tab would see a gap, then its filling).
+        loop.call_soon_threadsafe(_enqueue, loop, (send_all, layer, events))
     except Exception as exc:
         # Expected while Redis restarts; a traceback would add nothing.
         logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)
@@ -108,10 +139,17 @@ def _push(send_all, events: list[tuple[str, dict]]) -> None:
 # when the loop next polls: without these returns the first of 1,000 tabs got its frame after
 # the last one's was built (40 ms), while the load of reading them waited.
 TAKES_PER_TURN = 16
+BATCHED = "messaging.poke"  # the event type that goes to other processes in batches
+ROUTER = "pokes"  # the name, after the process's prefix, of its channel of batched events
 
 
 async def _channel_send_all(layer, events: list[tuple[str, dict]]) -> None:
     taken = 0
+    # channels-redis names a socket's channel "specific.<process prefix>!<id>": the events of
+    # one send for the sockets of another process go to that process in one message (one Redis
+    # round trip, not one per tab), where its router hands them over.
+    others: dict[str, list] = {}
+    can_batch = getattr(layer, "client_prefix", None) is not None
     for channel, event in events:
         take = local_receivers.get(channel)
         if take is not None:
@@ -123,7 +161,59 @@ async def _channel_send_all(layer, events: list[tuple[str, dict]]) -> None:
                     continue
             except Exception:
                 logger.exception("a socket of this process failed to take an event directly")
+        elif can_batch and event.get("type") == BATCHED and "!" in channel:
+            others.setdefault(channel[: channel.index("!") + 1], []).append((channel, event))
+            continue
+        await _send_one(layer, channel, event)
+    for process, items in others.items():
+        if len(items) == 1:
+            await _send_one(layer, *items[0])
+        else:
+            await _send_one(layer, process + ROUTER, {"type": "pokes", "items": items})
+
+
+async def _send_one(layer, channel: str, event: dict) -> None:
+    try:
+        await layer.send(channel, event)
+    except ChannelFull:
+        logger.info("channel %s is full; its consumer reads the database when it can", channel)
+
+
+_routers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def start_router() -> None:
+    """
+    Receive this process's batched events (channels-redis only) and hand each one to its socket;
+    started by the first socket of the process, before any event can be addressed to it.
+    """
+    layer = get_channel_layer()
+    prefix = getattr(layer, "client_prefix", None)
+    if layer is None or prefix is None:
+        return
+    loop = asyncio.get_running_loop()
+    task = _routers.get(loop)
+    if task is None or task.done():
+        _routers[loop] = loop.create_task(_route(layer, f"specific.{prefix}!{ROUTER}"))
+
+
+async def _route(layer, name: str) -> None:
+    while True:
         try:
-            await layer.send(channel, event)
-        except ChannelFull:
-            logger.info("channel %s is full; its consumer reads the database when it can", channel)
+            message = await layer.receive(name)
+        except Exception as exc:
+            # Redis away: the sockets' own receives fail too and their tabs reconnect.
+            logger.warning("batched events of this process unavailable: %r", exc)
+            await asyncio.sleep(1.0)
+            continue
+        for channel, event in message.get("items", ()):
+            take = local_receivers.get(channel)
+            try:
+                if take is not None and await take(event):
+                    continue
+                # A gap, or a socket that went away: its own channel, in turn with its events.
+                await _send_one(layer, channel, event)
+            except Exception as exc:
+                logger.warning("a batched event for %s was not handed over: %r", channel, exc)

@@ -118,6 +118,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         # Close codes only reach the browser after accept (else daphne answers HTTP 403).
         await self.accept()
+        # This process's receiver of batched pokes runs before any can be addressed to it.
+        push.start_router()
         self.user = self.scope.get("user")
         try:
             client_services.require_user(self.user)
