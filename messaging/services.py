@@ -167,11 +167,11 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
             if room is None:
                 raise NotFound(f"no room named {name!r}", code="unknown_room")
             room_id = room[0]
-            cursor.execute(sql["members"], [room_id])
-            user_ids = sorted(r[0] for r in cursor.fetchall())
-            if owner.pk not in user_ids:
-                raise Forbidden("only members can post to this room", code="not_a_member")
             to = {"room": room[1]}
+            # Every client of every member, locked in one stable order (no deadlocks between
+            # concurrent sends); the deliveries are numbered from the locked heads: gapless,
+            # never reused. Ids stay as the database returns them, and go back to it as they are.
+            cursor.execute(sql["room_targets"], [room_id])
         else:
             cursor.execute(sql["user"], [name])
             recipient = cursor.fetchone()
@@ -180,20 +180,16 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
             to_user_id = recipient[0]
             user_ids = sorted({owner.pk, to_user_id})
             to = {"user": recipient[1]}
-
-        # Lock every target client in one stable order (no deadlocks between concurrent sends),
-        # then number the deliveries from the locked heads: gapless, never reused. Ids stay as
-        # the database returns them, and go back to it as they are.
-        cursor.execute(_with_list(sql["targets"], len(user_ids)), user_ids)
+            cursor.execute(_with_list(sql["targets"], len(user_ids)), user_ids)
         targets = cursor.fetchall()
         sender_key = _uuid_param(sender_client)
         if not any(t[0] == sender_key for t in targets):
+            # The sending client is gone, or (in a room) its user is not a member.
+            if room_id is not None:
+                cursor.execute(sql["is_member"], [room_id, owner.pk])
+                if cursor.fetchone() is None:
+                    raise Forbidden("only members can post to this room", code="not_a_member")
             raise NotFound("no such client", code="unknown_client")
-        # Under the sender's row lock no retry of this message can be half-way through.
-        cursor.execute(sql["existing"], [sender_key, cmid])
-        existing = cursor.fetchone()
-        if existing is not None:
-            return SendResult(existing[0], duplicate=True)
 
         now = timezone.now()
         wire = message_tail(
@@ -215,15 +211,23 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
                 wire,
             ],
         )
-        message_id = cursor.fetchone()[0]
+        inserted = cursor.fetchone()
+        if inserted is None:
+            # A retry of a stored message (the unique constraint; under the sender's row lock no
+            # retry of it can be half-way through).
+            return SendResult(_existing_id(sender_client, cmid) or 0, duplicate=True)
+        message_id = inserted[0]
 
         limit = conf.get("MESSAGING_QUEUE_LIMIT")
         queued = [t for t in targets if not t[3] and t[1] - t[2] < limit]
         overflowing = [t[0] for t in targets if not t[3] and t[1] - t[2] >= limit]
         if queued:
             ids = [t[0] for t in queued]
-            cursor.execute(_with_list(sql["insert_deliveries"], len(ids)), [message_id, *ids])
-            cursor.execute(_with_list(sql["bump_heads"], len(ids)), ids)
+            if "queue" in sql:  # one statement: heads bumped, queue rows inserted from them
+                cursor.execute(_with_list(sql["queue"], len(ids)), [*ids, message_id])
+            else:
+                cursor.execute(_with_list(sql["insert_deliveries"], len(ids)), [message_id, *ids])
+                cursor.execute(_with_list(sql["bump_heads"], len(ids)), ids)
         if overflowing:
             cursor.execute(_with_list(sql["overflow"], len(overflowing)), [True, *overflowing])
     if overflowing:
@@ -341,18 +345,23 @@ def _statements() -> dict[str, str]:
     members = q(Room.members.through._meta.db_table)
     users = q(get_user_model()._meta.db_table)
     lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    return {
+    targets = (
+        f"SELECT {q('id')}, {q('head')}, {q('acked_seq')}, {q('resync_required')},"
+        f" {q('channel_name')} FROM {client}"
+    )
+    statements = {
         "existing": f"SELECT {q('id')} FROM {message}"
         f" WHERE {q('sender_client')} = %s AND {q('client_msg_id')} = %s",
         "room": f"SELECT {q('id')}, {q('name')} FROM {room} WHERE {q('name')} = %s{lock}",
-        "members": f"SELECT {q('user_id')} FROM {members} WHERE {q('room_id')} = %s",
+        "is_member": f"SELECT 1 FROM {members} WHERE {q('room_id')} = %s AND {q('user_id')} = %s",
         "user": f"SELECT {q('id')}, {q('username')} FROM {users} WHERE {q('username')} = %s",
-        "targets": f"SELECT {q('id')}, {q('head')}, {q('acked_seq')}, {q('resync_required')},"
-        f" {q('channel_name')} FROM {client} WHERE {q('user_id')} IN (@)"
-        f" ORDER BY {q('id')}{lock}",
+        "targets": f"{targets} WHERE {q('user_id')} IN (@) ORDER BY {q('id')}{lock}",
+        "room_targets": f"{targets} WHERE {q('user_id')} IN (SELECT {q('user_id')} FROM {members}"
+        f" WHERE {q('room_id')} = %s) ORDER BY {q('id')}{lock}",
         "insert_message": f"INSERT INTO {message} ({q('sender_id')}, {q('sender_client')},"
         f" {q('client_msg_id')}, {q('to_user_id')}, {q('room_id')}, {q('created_at')},"
-        f" {q('wire')}) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {q('id')}",
+        f" {q('wire')}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        f" ON CONFLICT ({q('sender_client')}, {q('client_msg_id')}) DO NOTHING RETURNING {q('id')}",
         "insert_deliveries": f"INSERT INTO {delivery}"
         f" ({q('client_id')}, {q('seq')}, {q('message_id')})"
         f" SELECT {q('id')}, {q('head')} + 1, %s FROM {client} WHERE {q('id')} IN (@)",
@@ -367,6 +376,15 @@ def _statements() -> dict[str, str]:
         "ack_delete": f"DELETE FROM {delivery} WHERE {q('client_id')} = %s AND {q('seq')} <="
         f" (SELECT {q('acked_seq')} FROM {client} WHERE {q('id')} = %s)",
     }
+    if connection.vendor == "postgresql":
+        # One round trip less while the send holds its locks.
+        statements["queue"] = (
+            f"WITH bumped AS (UPDATE {client} SET {q('head')} = {q('head')} + 1"
+            f" WHERE {q('id')} IN (@) RETURNING {q('id')}, {q('head')})"
+            f" INSERT INTO {delivery} ({q('client_id')}, {q('seq')}, {q('message_id')})"
+            f" SELECT {q('id')}, {q('head')}, %s FROM bumped"
+        )
+    return statements
 
 
 def _false() -> str:
