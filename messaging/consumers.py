@@ -298,15 +298,16 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def take_poke(self, event: dict) -> bool:
         """
-        A poke handed over directly by a push of this process (clients.push.local_receivers):
-        the next delivery, or one already sent, is handled here and now, as messaging_poke
-        would; anything else (a gap: the poke before it is still on its way) returns False and
-        goes through the channel layer, in turn with this socket's other events.
+        A poke handed over directly by a push of this process (clients.push.local_receivers),
+        handled here and now as messaging_poke would: the next delivery is sent, one already
+        sent is dropped, one ahead of a gap is held (two sends committed close together can
+        push in the opposite order). Only a poke that needs a database read returns False: it
+        goes through the channel layer, to be handled in turn with this socket's other events.
         """
         if asyncio.get_running_loop() is not self._loop or event.get("type") != "messaging.poke":
             return False
         seq = event.get("seq")
-        if seq is None or seq > self.sent_seq + 1:
+        if seq is None or (seq > self.sent_seq + 1 and len(self.held) >= HOLD_MAX):
             return False
         await self.messaging_poke(event)
         return True
