@@ -340,8 +340,11 @@ class RelayClient:
                 # Rate limited, or the server failed for now: the same send again, later.
                 self.stats["send_retries"] += 1
                 self._spawn(self._resend_later(frame["client_msg_id"]))
-            elif code == "internal_error":
-                self._acked = 0  # perhaps an ack that failed: repeat it with the next one
+            elif code in ("internal_error", "unavailable"):
+                # An ack that could not be written: sent again after the usual delay.
+                self._acked = 0
+                if self.last_seq and (self._ack_task is None or self._ack_task.done()):
+                    self._ack_task = asyncio.create_task(self._ack_soon(self.ack_delay))
         elif kind == "pong":
             # Behind the head of the previous pong still, a ping interval later: those
             # deliveries are not on their way (their push was lost); fetch them. Behind only

@@ -180,3 +180,20 @@ async def test_acks_wait_for_ack_delay_unless_ack_every_deliveries_are_unacked(d
         await asyncio.sleep(0.1)
     await alice.stop()
     await bob.stop()
+
+
+async def test_an_ack_the_server_could_not_write_is_sent_again():
+    """An `unavailable` (or `internal_error`) frame without a client_msg_id is about an ack
+    (the server writes acks in batches, apart from the frames): the client acks again."""
+    sent = []
+
+    class Socket:
+        async def send(self, text):
+            sent.append(text)
+
+    client = RelayClient("http://127.0.0.1:9", "u", "p", state={"last_seq": 7}, ack_delay=0.01)
+    client.ws, client.status, client._acked = Socket(), "online", 7
+    await client._on_frame({"type": "error", "code": "unavailable", "detail": "retry"})
+    await until(lambda: sent, timeout=2)
+    assert sent == ['{"type": "ack", "seq": 7}']
+    assert client._acked == 7

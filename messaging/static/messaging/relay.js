@@ -366,6 +366,11 @@ export class RelayClient {
       this._fail(frame.client_msg_id, frame.code, frame.detail);
       return;
     }
+    if (!frame.client_msg_id && (frame.code === "unavailable" || frame.code === "internal_error")) {
+      // Not about a send: an ack that could not be written. Acked again shortly.
+      this.ackedSeq = 0;
+      if (this.lastSeq > 0) this._scheduleAck();
+    }
     // rate_limited, internal_error...: the outbox retries that send later.
     this._emit("error", { code: frame.code, detail: frame.detail, client_msg_id: frame.client_msg_id });
   }
