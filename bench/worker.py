@@ -11,6 +11,7 @@ Main side: `WorkerHandle` (`await handle.request(cmd, args)`). Worker side: `wor
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import multiprocessing
 import time
@@ -102,6 +103,11 @@ def worker_main(conn: Any, wid: int) -> None:
     """
     logging.basicConfig(level=logging.ERROR, format="worker %(process)d %(name)s: %(message)s")
     raise_nofile()
+    # Hundreds of clients per process: Python's default collector paused a worker for up to
+    # 250 ms at a time (as it did the server; see SERVER_GC_THRESHOLDS), which showed up as
+    # latency of whichever server was measured. The same for ours and the peer.
+    gc.freeze()
+    gc.set_threshold(10000, 50, 100)
     asyncio.run(Worker(conn, wid).serve())
 
 

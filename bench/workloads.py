@@ -240,6 +240,8 @@ async def fanout(
             "p50": _ms(percentile(firsts, 50)),
             "p99": _ms(percentile(firsts, 99)),
         },
+        # Every message's time in sending order (the outliers' pattern: periodic or not).
+        "each_ms": [_ms(x) for x in latencies],
         "open_s": open_s,
         "client": _client_summary(ends),
         "server": server,

@@ -4,6 +4,7 @@ ASGI entry point: HTTP through Django, WebSockets through the messaging consumer
 `get_asgi_application()` runs first so the app registry is ready before consumers import models.
 """
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -35,3 +36,7 @@ router = ProtocolTypeRouter(
 )
 # Heartbeat and periodic cleanup run inside every server process; nothing else to start.
 application = BackgroundTasks(router)
+
+if settings.SERVER_GC_THRESHOLDS:
+    gc.freeze()
+    gc.set_threshold(*settings.SERVER_GC_THRESHOLDS)

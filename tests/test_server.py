@@ -77,3 +77,27 @@ async def test_refusals_arrive_as_close_codes_over_a_real_server(deployment):
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await recv_json(ws)
         assert closed.value.rcvd.code == 4400
+
+
+def test_the_served_application_tunes_the_garbage_collector(settings):
+    """Loading the ASGI application (as daphne does) freezes what start-up loaded and sets
+    SERVER_GC_THRESHOLDS; "off" leaves Python's defaults."""
+    import gc
+    import os
+    import subprocess
+    import sys
+
+    import chatproject.asgi  # noqa: F401 (loaded by the suite already)
+
+    assert gc.get_threshold() == settings.SERVER_GC_THRESHOLDS == (10000, 50, 100)
+    assert gc.get_freeze_count() > 0
+    probe = "import gc, chatproject.asgi; print(gc.get_threshold(), gc.get_freeze_count() > 0)"
+    env = {"SERVER_GC_THRESHOLDS": "off", "DJANGO_SETTINGS_MODULE": "chatproject.settings"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[-1] == "False" and out[0] == "(700,"
