@@ -36,7 +36,13 @@ SIZES: dict[str, tuple[type, object, object, str]] = {
     "fanout_tabs": (int, 1000, 50, "fan-out: receiving tabs"),
     "fanout_messages": (int, 50, 10, "fan-out: messages measured (one at a time)"),
     "fanout_warmup": (int, 2, 1, "fan-out: messages sent first and not measured"),
-    "fanout_gap": (float, 0.1, 0.05, "fan-out: pause between messages, seconds"),
+    "fanout_gap": (
+        float,
+        0.3,
+        0.3,
+        "fan-out: pause after the last tab has a message, seconds; longer than --ack-delay, so"
+        " ours' acks of one message are in before the next (with 0.1 they arrive during it)",
+    ),
     "fanout_timeout": (float, 30.0, 10.0, "fan-out: give up on one message after, seconds"),
     "fanout_seconds": (float, 150.0, 20.0, "fan-out: no new message after this many seconds"),
     "catchup_messages": (int, 10000, 300, "catch-up: messages missed"),
