@@ -11,6 +11,7 @@ import logging
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from asgiref.sync import SyncToAsync, async_to_sync
 from channels.exceptions import ChannelFull
@@ -44,9 +45,15 @@ def group_send_now(events: list[GroupEvent]) -> None:
     _push(_group_send_all, events)
 
 
-async def _group_send_all(layer, events: list[GroupEvent]) -> None:
+async def _group_send_all(layer, events: list[GroupEvent], background: Any = None) -> None:
+    if background is not None:
+        background.add_layer_send(_group_send_all(layer, events))
+        return
     for group, event in events:
-        await layer.group_send(group, event)
+        try:
+            await layer.group_send(group, event)
+        except Exception as exc:
+            logger.warning("channel layer push to %s failed: %r", group, exc)
 
 
 def channel_send_after_commit(events: Iterable[tuple[str, dict]]) -> None:
@@ -68,29 +75,45 @@ def channel_send_now(events: list[tuple[str, dict]]) -> None:
 
 class _Pushes:
     """
-    The pushes handed to one event loop, run one at a time in order.
+    The pushes handed to one event loop, run one at a time in order: their hand-overs to this
+    process's sockets at once, what goes through the channel layer queued in `layer_sends`, run
+    in order by a task of its own, so a slow or unreachable Redis does not hold up the sockets
+    of this process.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.queue: collections.deque = collections.deque()
         self.task: asyncio.Task | None = None
+        self.layer_sends: collections.deque = collections.deque()
+        self.layer_task: asyncio.Task | None = None
 
     def add(self, item: tuple) -> None:
         self.queue.append(item)
         if self.task is None:
-            self.task = self.loop.create_task(self._run())
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def add_layer_send(self, coro: Any) -> None:
+        self.layer_sends.append(coro)
+        if self.layer_task is None:
+            self.layer_task = asyncio.get_running_loop().create_task(self._run_layer_sends())
 
     async def _run(self) -> None:
         try:
             while self.queue:
                 send_all, layer, events = self.queue.popleft()
                 try:
-                    await send_all(layer, events)
+                    await send_all(layer, events, background=self)
                 except Exception as exc:
                     logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)
         finally:
             self.task = None
+
+    async def _run_layer_sends(self) -> None:
+        try:
+            while self.layer_sends:
+                await self.layer_sends.popleft()  # each catches and logs its own failures
+        finally:
+            self.layer_task = None
 
 
 _pushes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pushes]" = (
@@ -102,7 +125,7 @@ def _enqueue(loop: asyncio.AbstractEventLoop, item: tuple) -> None:
     # Runs in the loop's thread.
     pushes = _pushes.get(loop)
     if pushes is None:
-        pushes = _pushes[loop] = _Pushes(loop)
+        pushes = _pushes[loop] = _Pushes()
     pushes.add(item)
 
 
@@ -139,16 +162,20 @@ def _push(send_all, events: list[tuple[str, dict]]) -> None:
 # when the loop next polls: without these returns the first of 1,000 tabs got its frame after
 # the last one's was built (40 ms), while the load of reading them waited.
 TAKES_PER_TURN = 16
-BATCHED = "messaging.poke"  # the event type that goes to other processes in batches
+POKE = "messaging.poke"  # the event that goes to other processes in batches
 ROUTER = "pokes"  # the name, after the process's prefix, of its channel of batched events
 
 
-async def _channel_send_all(layer, events: list[tuple[str, dict]]) -> None:
+async def _channel_send_all(
+    layer, events: list[tuple[str, dict]], background: Any = None
+) -> None:
     taken = 0
-    # channels-redis names a socket's channel "specific.<process prefix>!<id>": the events of
-    # one send for the sockets of another process go to that process in one message (one Redis
-    # round trip, not one per tab), where its router hands them over.
-    others: dict[str, list] = {}
+    singles: list[tuple[str, dict]] = []
+    # channels-redis names a socket's channel "specific.<process prefix>!<id>": the pokes of one
+    # send for the sockets of another process go to that process in one message (one Redis
+    # round trip, not one per tab; the message text once, not once per tab), where its router
+    # hands them over.
+    batches: dict[tuple[str, object], dict] = {}
     can_batch = getattr(layer, "client_prefix", None) is not None
     for channel, event in events:
         take = local_receivers.get(channel)
@@ -161,22 +188,40 @@ async def _channel_send_all(layer, events: list[tuple[str, dict]]) -> None:
                     continue
             except Exception:
                 logger.exception("a socket of this process failed to take an event directly")
-        elif can_batch and event.get("type") == BATCHED and "!" in channel:
-            others.setdefault(channel[: channel.index("!") + 1], []).append((channel, event))
+        elif can_batch and event.get("type") == POKE and "!" in channel:
+            key = (channel[: channel.index("!") + 1], event["id"])
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = {
+                    "type": "pokes",
+                    "id": event["id"],
+                    "tail": event["tail"],
+                    "items": [],
+                    "first": (channel, event),
+                }
+            batch["items"].append((channel, event["seq"]))
             continue
-        await _send_one(layer, channel, event)
-    for process, items in others.items():
-        if len(items) == 1:
-            await _send_one(layer, *items[0])
+        singles.append((channel, event))
+    out = singles
+    for (process, _), batch in batches.items():
+        first = batch.pop("first")
+        out.append(first if len(batch["items"]) == 1 else (process + ROUTER, batch))
+    if out:
+        if background is not None:
+            background.add_layer_send(_send_each(layer, out))
         else:
-            await _send_one(layer, process + ROUTER, {"type": "pokes", "items": items})
+            await _send_each(layer, out)
 
 
-async def _send_one(layer, channel: str, event: dict) -> None:
-    try:
-        await layer.send(channel, event)
-    except ChannelFull:
-        logger.info("channel %s is full; its consumer reads the database when it can", channel)
+async def _send_each(layer, events: list[tuple[str, dict]]) -> None:
+    for channel, event in events:
+        try:
+            await layer.send(channel, event)
+        except ChannelFull:
+            logger.info("channel %s is full; its consumer reads the database when it can", channel)
+        except Exception as exc:
+            # Redis away: the deliveries wait in the database (the tab's next ping reads them).
+            logger.warning("channel layer push to %s failed: %r", channel, exc)
 
 
 _routers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task]" = (
@@ -208,12 +253,18 @@ async def _route(layer, name: str) -> None:
             logger.warning("batched events of this process unavailable: %r", exc)
             await asyncio.sleep(1.0)
             continue
-        for channel, event in message.get("items", ()):
+        taken = 0
+        for channel, seq in message.get("items", ()):
+            event = {"type": POKE, "seq": seq, "id": message["id"], "tail": message["tail"]}
             take = local_receivers.get(channel)
             try:
                 if take is not None and await take(event):
+                    taken += 1
+                    if taken % TAKES_PER_TURN == 0:
+                        await asyncio.sleep(0)
                     continue
-                # A gap, or a socket that went away: its own channel, in turn with its events.
-                await _send_one(layer, channel, event)
-            except Exception as exc:
-                logger.warning("a batched event for %s was not handed over: %r", channel, exc)
+            except Exception:
+                logger.exception("a socket of this process failed to take an event directly")
+            # A gap that needs a read, or a socket that went away: its own channel, in turn
+            # with its other events.
+            await _send_each(layer, [(channel, event)])

@@ -50,3 +50,30 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             )
         )
     return errors
+
+
+# The send path's hand-written statements use INSERT ... ON CONFLICT ... RETURNING.
+SQLITE_MIN = (3, 35)
+
+
+@register()
+def check_database(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """
+    Reject an SQLite library too old for the statements of messaging.services.
+    """
+    from django.db import connections
+
+    errors = []
+    for conn in connections.all():
+        if conn.vendor == "sqlite":
+            import sqlite3
+
+            if sqlite3.sqlite_version_info < SQLITE_MIN:
+                errors.append(
+                    Error(
+                        f"SQLite {sqlite3.sqlite_version} is too old: {SQLITE_MIN[0]}."
+                        f"{SQLITE_MIN[1]} or later is needed (INSERT ... RETURNING).",
+                        id="messaging.E004",
+                    )
+                )
+    return errors

@@ -320,13 +320,14 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             return  # already sent, by a flush that read it from the database
         if seq == self.sent_seq + 1:
             # The next delivery, committed, and carried by the poke itself: no database read.
-            await self.send(text_data=delivery_frame(seq, event["id"], event["tail"]))
+            # sent_seq moves first: a poke taken directly while this send is awaited must see it.
             self.sent_seq = seq
+            await self.send(text_data=delivery_frame(seq, event["id"], event["tail"]))
             while self.sent_seq + 1 in self.held:
                 seq = self.sent_seq + 1
                 message_id, tail = self.held.pop(seq)
-                await self.send(text_data=delivery_frame(seq, message_id, tail))
                 self.sent_seq = seq
+                await self.send(text_data=delivery_frame(seq, message_id, tail))
             return
         if seq is None or len(self.held) >= HOLD_MAX:
             await self._flush()
@@ -405,8 +406,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             for seq, message_id, tail in page.rows:
                 if seq <= self.sent_seq:
                     continue  # sent meanwhile, by a poke taken while this page was read
-                await self.send(text_data=delivery_frame(seq, message_id, tail))
                 self.sent_seq = seq
+                await self.send(text_data=delivery_frame(seq, message_id, tail))
             if len(page.rows) < batch:
                 self.held = {s: v for s, v in self.held.items() if s > self.sent_seq}
                 return page.head

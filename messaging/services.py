@@ -162,10 +162,13 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
         if kind == "room":
             # Locking the room row first gives every send to one room a single order, in
             # history (message ids) and in every member client's seqs alike.
-            cursor.execute(sql["room"], [name])
+            cursor.execute(sql["room"], [owner.pk, name])
             room = cursor.fetchone()
             if room is None:
                 raise NotFound(f"no room named {name!r}", code="unknown_room")
+            if not room[2]:
+                # Before the member clients are locked: a non-member cannot stall the room.
+                raise Forbidden("only members can post to this room", code="not_a_member")
             room_id = room[0]
             to = {"room": room[1]}
             # Every client of every member, locked in one stable order (no deadlocks between
@@ -184,11 +187,6 @@ def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str
         targets = cursor.fetchall()
         sender_key = _uuid_param(sender_client)
         if not any(t[0] == sender_key for t in targets):
-            # The sending client is gone, or (in a room) its user is not a member.
-            if room_id is not None:
-                cursor.execute(sql["is_member"], [room_id, owner.pk])
-                if cursor.fetchone() is None:
-                    raise Forbidden("only members can post to this room", code="not_a_member")
             raise NotFound("no such client", code="unknown_client")
 
         now = timezone.now()
@@ -352,8 +350,9 @@ def _statements() -> dict[str, str]:
     statements = {
         "existing": f"SELECT {q('id')} FROM {message}"
         f" WHERE {q('sender_client')} = %s AND {q('client_msg_id')} = %s",
-        "room": f"SELECT {q('id')}, {q('name')} FROM {room} WHERE {q('name')} = %s{lock}",
-        "is_member": f"SELECT 1 FROM {members} WHERE {q('room_id')} = %s AND {q('user_id')} = %s",
+        "room": f"SELECT {q('id')}, {q('name')}, EXISTS (SELECT 1 FROM {members} WHERE"
+        f" {members}.{q('room_id')} = {room}.{q('id')} AND {q('user_id')} = %s)"
+        f" FROM {room} WHERE {q('name')} = %s{lock}",
         "user": f"SELECT {q('id')}, {q('username')} FROM {users} WHERE {q('username')} = %s",
         "targets": f"{targets} WHERE {q('user_id')} IN (@) ORDER BY {q('id')}{lock}",
         "room_targets": f"{targets} WHERE {q('user_id')} IN (SELECT {q('user_id')} FROM {members}"

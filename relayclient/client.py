@@ -284,10 +284,11 @@ class RelayClient:
         self.status = "online"
         self.stats["connects"] += 1
         self.head = hello["head"]
-        self._acked = min(self._acked, self.last_seq)
-        if self.last_seq > self._acked:
+        # Repeated even if it was sent: an ack whose write failed after the old socket went away
+        # got no error frame.
+        if self.last_seq > 0:
             await ws.send(json.dumps({"type": "ack", "seq": self.last_seq}))
-            self._acked = self.last_seq
+        self._acked = self.last_seq
         for cmid in list(self.state["outbox"]):
             await self._send_frame(cmid)
         # A ping after ping_interval without a frame, from a task of its own: a timeout around

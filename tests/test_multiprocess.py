@@ -114,6 +114,25 @@ async def test_message_through_one_process_reaches_a_tab_on_another(deployment):
     await bob.close()
 
 
+async def test_pokes_for_several_tabs_on_another_process_arrive_in_one_batch(deployment):
+    """The pokes of one send for several tabs of another process travel there as one message
+    and its router hands each to its socket: real time, in order, once (these tabs never ping,
+    so nothing but the pokes can bring them their deliveries)."""
+    a, b = deployment.start(), deployment.start()
+    sender = new_tab(login(a, "alice"))
+    on_b = [new_tab(login(b, "bob")), new_tab(login(b, "bob")), new_tab(login(b, "alice"))]
+    await sender.connect(a)
+    for tab in on_b:
+        await tab.connect(b)
+    for i in range(5):
+        await sender.send(f"h{i}", {"room": "hall"}, {"n": i})
+    for tab in on_b:
+        assert await tab.collect(5, timeout=5) == [{"n": i} for i in range(5)]
+    assert await sender.collect(5, timeout=5) == [{"n": i} for i in range(5)]
+    for tab in (sender, *on_b):
+        await tab.close()
+
+
 async def test_reconnect_to_the_other_process_resumes_exactly(deployment):
     """A tab that moves from A to B with after=N gets exactly what it has not seen."""
     a, b = deployment.start(), deployment.start()

@@ -330,7 +330,12 @@ export class RelayClient {
         this.pingAt = 0;
         this.lastPingAt = Date.now();
         this._setState("online");
-        if (this.lastSeq > this.ackedSeq) this._flushAck();
+        // Repeated even if it was sent: an ack whose write failed after the old socket went
+        // away got no error frame.
+        if (this.lastSeq > 0) {
+          this.ackedSeq = 0;
+          this._flushAck();
+        }
         for (const entry of this.outbox) this._trySend(entry, true);
         break;
       case "delivery":
@@ -367,9 +372,12 @@ export class RelayClient {
       return;
     }
     if (!frame.client_msg_id && (frame.code === "unavailable" || frame.code === "internal_error")) {
-      // Not about a send: an ack that could not be written. Acked again shortly.
+      // Not about a send: an ack that could not be written. Acked again after the usual delay
+      // (not at once: while the database is down that would be a loop of acks and errors).
       this.ackedSeq = 0;
-      if (this.lastSeq > 0) this._scheduleAck();
+      if (this.lastSeq > 0 && !this.timers.ack) {
+        this.timers.ack = setTimeout(() => this._flushAck(), this.options.ackDelay);
+      }
     }
     // rate_limited, internal_error...: the outbox retries that send later.
     this._emit("error", { code: frame.code, detail: frame.detail, client_msg_id: frame.client_msg_id });
