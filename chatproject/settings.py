@@ -146,6 +146,11 @@ if os.environ.get("REDIS_URL"):
                         "address": os.environ["REDIS_URL"],
                         "socket_timeout": float(os.environ.get("REDIS_SOCKET_TIMEOUT", "30")),
                         "socket_connect_timeout": 5.0,
+                        # redis-py 8 caps a pool at 100 connections and then fails at once
+                        # (MaxConnectionsError): a process with 100 busy sockets (group joins,
+                        # pings, pushes) lost pokes that way, and its tabs waited for their
+                        # next ping.
+                        "max_connections": int(os.environ.get("REDIS_MAX_CONNECTIONS", "1000")),
                     }
                 ],
                 "prefix": os.environ.get("REDIS_PREFIX", "asgi"),
