@@ -54,12 +54,6 @@ class AckBatcher:
             self._task = loop.create_task(self._write())
         return future
 
-    async def ack(self, client_id: uuid.UUID, seq: int) -> None:
-        """
-        Ack `seq` for the client; returns once it is written (raises what the write raised).
-        """
-        await self.submit(client_id, seq)
-
     async def _write(self) -> None:
         try:
             while self._pending:
