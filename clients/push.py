@@ -166,10 +166,8 @@ POKE = "messaging.poke"  # the event that goes to other processes in batches
 ROUTER = "pokes"  # the name, after the process's prefix, of its channel of batched events
 
 
-async def _channel_send_all(
-    layer, events: list[tuple[str, dict]], background: Any = None
-) -> None:
-    taken = 0
+async def _channel_send_all(layer, events: list[tuple[str, dict]], background: Any = None) -> None:
+    taken = [0]
     singles: list[tuple[str, dict]] = []
     # channels-redis names a socket's channel "specific.<process prefix>!<id>": the pokes of one
     # send for the sockets of another process go to that process in one message (one Redis
@@ -180,14 +178,8 @@ async def _channel_send_all(
     for channel, event in events:
         take = local_receivers.get(channel)
         if take is not None:
-            try:
-                if await take(event):
-                    taken += 1
-                    if taken % TAKES_PER_TURN == 0:
-                        await asyncio.sleep(0)
-                    continue
-            except Exception:
-                logger.exception("a socket of this process failed to take an event directly")
+            if await _offer(take, event, taken):
+                continue
         elif can_batch and event.get("type") == POKE and "!" in channel:
             key = (channel[: channel.index("!") + 1], event["id"])
             batch = batches.get(key)
@@ -211,6 +203,23 @@ async def _channel_send_all(
             background.add_layer_send(_send_each(layer, out))
         else:
             await _send_each(layer, out)
+
+
+async def _offer(take: Callable[[dict], Awaitable[bool]], event: dict, taken: list[int]) -> bool:
+    """
+    Hand an event to a socket of this process; True if it took it. Every TAKES_PER_TURN takes
+    (counted in `taken`), back to the event loop.
+    """
+    try:
+        if not await take(event):
+            return False
+    except Exception:
+        logger.exception("a socket of this process failed to take an event directly")
+        return False
+    taken[0] += 1
+    if taken[0] % TAKES_PER_TURN == 0:
+        await asyncio.sleep(0)
+    return True
 
 
 async def _send_each(layer, events: list[tuple[str, dict]]) -> None:
@@ -253,18 +262,12 @@ async def _route(layer, name: str) -> None:
             logger.warning("batched events of this process unavailable: %r", exc)
             await asyncio.sleep(1.0)
             continue
-        taken = 0
+        taken = [0]
         for channel, seq in message.get("items", ()):
             event = {"type": POKE, "seq": seq, "id": message["id"], "tail": message["tail"]}
             take = local_receivers.get(channel)
-            try:
-                if take is not None and await take(event):
-                    taken += 1
-                    if taken % TAKES_PER_TURN == 0:
-                        await asyncio.sleep(0)
-                    continue
-            except Exception:
-                logger.exception("a socket of this process failed to take an event directly")
+            if take is not None and await _offer(take, event, taken):
+                continue
             # A gap that needs a read, or a socket that went away: its own channel, in turn
             # with its other events.
             await _send_each(layer, [(channel, event)])
