@@ -173,7 +173,7 @@ async def _channel_send_all(layer, events: list[tuple[str, dict]], background: A
     # send for the sockets of another process go to that process in one message (one Redis
     # round trip, not one per tab; the message text once, not once per tab), where its router
     # hands them over.
-    batches: dict[tuple[str, object], dict] = {}
+    batches: dict[tuple[str, object], list[tuple[str, dict]]] = {}
     can_batch = getattr(layer, "client_prefix", None) is not None
     for channel, event in events:
         take = local_receivers.get(channel)
@@ -182,22 +182,21 @@ async def _channel_send_all(layer, events: list[tuple[str, dict]], background: A
                 continue
         elif can_batch and event.get("type") == POKE and "!" in channel:
             key = (channel[: channel.index("!") + 1], event["id"])
-            batch = batches.get(key)
-            if batch is None:
-                batch = batches[key] = {
-                    "type": "pokes",
-                    "id": event["id"],
-                    "tail": event["tail"],
-                    "items": [],
-                    "first": (channel, event),
-                }
-            batch["items"].append((channel, event["seq"]))
+            batches.setdefault(key, []).append((channel, event))
             continue
         singles.append((channel, event))
     out = singles
-    for (process, _), batch in batches.items():
-        first = batch.pop("first")
-        out.append(first if len(batch["items"]) == 1 else (process + ROUTER, batch))
+    for (process, message_id), pokes in batches.items():
+        if len(pokes) == 1:
+            out.append(pokes[0])
+            continue
+        batch = {
+            "type": "pokes",
+            "id": message_id,
+            "tail": pokes[0][1]["tail"],
+            "items": [(channel, event["seq"]) for channel, event in pokes],
+        }
+        out.append((process + ROUTER, batch))
     if out:
         if background is not None:
             background.add_layer_send(_send_each(layer, out))

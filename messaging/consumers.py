@@ -181,8 +181,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if push.local_receivers.get(self.channel_name) == self.take_poke:
-                del push.local_receivers[self.channel_name]
+            self._stop_taking_pokes()
             if self.attached:
                 # The consumer died without a disconnect (its channel layer failed under it,
                 # and daphne closes the socket with 1011): free the client all the same, or it
@@ -192,8 +191,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                     await self._detach_client()
 
     async def disconnect(self, code: int) -> None:
-        if push.local_receivers.get(self.channel_name) == self.take_poke:
-            del push.local_receivers[self.channel_name]
+        self._stop_taking_pokes()
         if not self.attached:
             return
         self.attached = False
@@ -204,6 +202,10 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             for group in (client_group(self.client_id), user_group(self.user.pk)):
                 with contextlib.suppress(Exception):
                     await self.channel_layer.group_discard(group, self.channel_name)
+
+    def _stop_taking_pokes(self) -> None:
+        if push.local_receivers.get(self.channel_name) == self.take_poke:
+            del push.local_receivers[self.channel_name]
 
     async def _close(self, code: int) -> None:
         self.closing = True
@@ -229,13 +231,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             await handler(self, frame)
         except ServiceError as exc:
             await self._send_error(exc.code, exc.detail, frame)
-        except (OperationalError, InterfaceError) as exc:
-            logger.warning("database unavailable for client %s: %s", self.client_id, exc)
-            await self._send_error("unavailable", "the database is unavailable; retry", frame)
-        except Exception:
+        except Exception as exc:
             # Never let one bad frame kill the socket (1011): the tab's outbox retries.
-            logger.exception("unexpected error handling a frame of client %s", self.client_id)
-            await self._send_error("internal_error", "the server failed; retry", frame)
+            await self._send_failure(exc, frame)
 
     async def _on_send(self, frame: dict) -> None:
         result = await self._send_message(
@@ -261,15 +259,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     def _ack_written(self, future: asyncio.Future) -> None:
         if future.cancelled() or future.exception() is None:
             return
-        exc = future.exception()
-        if isinstance(exc, (OperationalError, InterfaceError)):
-            logger.warning("database unavailable for client %s: %s", self.client_id, exc)
-            code, detail = "unavailable", "the database is unavailable; retry"
-        else:
-            logger.error("unexpected error writing an ack of client %s: %r", self.client_id, exc)
-            code, detail = "internal_error", "the server failed; retry"
         if self.attached and not self.closing:
-            _background_task(self._send_error(code, detail))
+            _background_task(self._send_failure(future.exception()))
 
     async def _on_ping(self, frame: dict) -> None:
         # A ping is also a pull. Memberships are re-added first (a restarted Redis forgot
@@ -423,6 +414,16 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             # Echoed even when invalid (empty, too long): the tab's outbox can settle that send.
             payload["client_msg_id"] = cmid
         await self._send_json(payload)
+
+    async def _send_failure(self, exc: BaseException | None, frame: Any = None) -> None:
+        # A frame (or an ack's write) that failed on the server's side: `unavailable` while the
+        # database is away, else `internal_error`; the tab retries either.
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            logger.warning("database unavailable for client %s: %s", self.client_id, exc)
+            await self._send_error("unavailable", "the database is unavailable; retry", frame)
+        else:
+            logger.error("unexpected error for client %s", self.client_id, exc_info=exc)
+            await self._send_error("internal_error", "the server failed; retry", frame)
 
     async def _send_resync(self) -> None:
         await self._send_error(

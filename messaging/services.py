@@ -113,13 +113,10 @@ def send_message(
     Store a message with one delivery per target client (every client of every recipient and
     of the sender), or return the stored one if this `client_msg_id` was seen from this client.
     """
-    owner = require_user(user)
-    cmid = validation.client_msg_id(client_msg_id)
-    kind, name = validation.target(to)
-    body_text = validation.body_json(body)
+    owner, *send = _validated(user, client_msg_id, to, body)
     sender_client = get_own_client(owner, client_id)
     touch(sender_client)
-    return _send(owner, sender_client.pk, cmid, kind, name, body_text)
+    return _send(owner, sender_client.pk, *send)
 
 
 def send_from_socket(
@@ -129,11 +126,16 @@ def send_from_socket(
     `send_message` for the socket of a client that was authorized when it attached (it is the
     user's own; a client deleted since then is refused inside the send's transaction).
     """
+    owner, *send = _validated(user, client_msg_id, to, body)
+    return _send(owner, client_id, *send)
+
+
+def _validated(user: AnyUser | None, client_msg_id: object, to: object, body: object) -> tuple:
+    # (owner, client_msg_id, target kind, target name, body JSON), in the order errors win.
     owner = require_user(user)
     cmid = validation.client_msg_id(client_msg_id)
     kind, name = validation.target(to)
-    body_text = validation.body_json(body)
-    return _send(owner, client_id, cmid, kind, name, body_text)
+    return owner, cmid, kind, name, validation.body_json(body)
 
 
 def _send(owner, sender_client: uuid.UUID, cmid: str, kind: str, name: str, body_text: str):
@@ -142,15 +144,9 @@ def _send(owner, sender_client: uuid.UUID, cmid: str, kind: str, name: str, body
         return SendResult(existing, duplicate=True)
     if not send_rate.take(sender_client):
         raise RateLimited("too many messages; slow down and retry", code="rate_limited")
-    try:
-        with transaction.atomic():
-            return _store(owner, sender_client, cmid, kind, name, body_text)
-    except IntegrityError:
-        # A concurrent retry of the same message committed first.
-        existing = _existing_id(sender_client, cmid)
-        if existing is None:
-            raise
-        return SendResult(existing, duplicate=True)
+    with transaction.atomic():
+        # A concurrent retry of the same message: see the message insert in _store.
+        return _store(owner, sender_client, cmid, kind, name, body_text)
 
 
 def _store(owner, sender_client, cmid: str, kind: str, name: str, body_text: str) -> SendResult:
@@ -328,7 +324,8 @@ def ack_many(acks: dict[uuid.UUID, int]) -> None:
     keys = sorted((_uuid_param(cid), seq) for cid, seq in acks.items())
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.executemany(
-            _statements()["ack_update"], [(seq, seq, seq, now, seq, key) for key, seq in keys]
+            _statements()["ack_update"],
+            [(seq, seq, seq, now, seq, False, key) for key, seq in keys],
         )
         cursor.executemany(_statements()["ack_delete"], [(key, key) for key, _ in keys])
 
@@ -370,7 +367,7 @@ def _statements() -> dict[str, str]:
         f" WHEN %s <= {q('acked_seq')} THEN {q('acked_seq')}"
         f" WHEN %s < {q('head')} THEN %s ELSE {q('head')} END,"
         f" {q('last_seen_at')} = %s, {q('resync_required')} = CASE"
-        f" WHEN %s >= {q('head')} THEN {_false()} ELSE {q('resync_required')} END"
+        f" WHEN %s >= {q('head')} THEN %s ELSE {q('resync_required')} END"
         f" WHERE {q('id')} = %s",
         "ack_delete": f"DELETE FROM {delivery} WHERE {q('client_id')} = %s AND {q('seq')} <="
         f" (SELECT {q('acked_seq')} FROM {client} WHERE {q('id')} = %s)",
@@ -384,10 +381,6 @@ def _statements() -> dict[str, str]:
             f" SELECT {q('id')}, {q('head')}, %s FROM bumped"
         )
     return statements
-
-
-def _false() -> str:
-    return "false" if connection.vendor == "postgresql" else "0"
 
 
 def _room_dict(room: Room) -> dict:
