@@ -11,9 +11,11 @@ daphne serves `chaos.broken:application` with CHAOS_BREAK set to one of:
 Never served by anything but the chaos tool and its tests.
 """
 
+import dataclasses
 import logging
 import os
 import uuid
+from collections import Counter
 
 from django.db.models import F
 
@@ -30,28 +32,36 @@ __all__ = ["BREAKS", "application"]
 _store = services._store
 
 
-def _store_without_dedup(owner, sender_client, cmid, *args):
+def _store_without_dedup(batch):
     # A fresh suffix keeps the unique constraint from catching the retry.
-    return _store(owner, sender_client, f"{cmid}~{uuid.uuid4().hex[:8]}", *args)
+    return _store(
+        [
+            dataclasses.replace(r, client_msg_id=f"{r.client_msg_id}~{uuid.uuid4().hex[:8]}")
+            for r in batch
+        ]
+    )
 
 
-def _store_for_live_tabs_only(owner, sender_client, cmid, *args):
-    result = _store(owner, sender_client, cmid, *args)
-    if not result.duplicate:
+def _store_for_live_tabs_only(batch):
+    results = _store(batch)
+    stored = [r.id for r in results if isinstance(r, services.SendResult) and not r.duplicate]
+    if stored:
         # Still inside the send's transaction, under its row locks: undo the queue entries of
-        # every tab without a socket, as if the message had only been broadcast.
+        # every tab without a socket, as if the messages had only been broadcast (they are the
+        # last ones of each such tab, so its head moves back by their number).
         offline = Delivery.objects.filter(
-            message_id=result.id, client__in=Client.objects.disconnected()
-        ).exclude(client_id=sender_client)
-        dropped = list(offline.values_list("client_id", flat=True))
+            message_id__in=stored, client__in=Client.objects.disconnected()
+        ).exclude(client_id__in=[r.client_id for r in batch])
+        dropped = Counter(offline.values_list("client_id", flat=True))
         offline.delete()
-        Client.objects.filter(id__in=dropped).update(head=F("head") - 1)
-    return result
+        for client_id, n in dropped.items():
+            Client.objects.filter(id=client_id).update(head=F("head") - n)
+    return results
 
 
 _break = os.environ.get("CHAOS_BREAK", "")
 if _break == "dedup":
-    services._existing_id = lambda sender_client, cmid: None  # type: ignore[assignment]
+    services._existing_ids = lambda requests: {}  # type: ignore[assignment]
     services._store = _store_without_dedup
 elif _break == "store-before-send":
     services._store = _store_for_live_tabs_only

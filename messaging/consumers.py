@@ -23,7 +23,7 @@ from clients import push
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError
 from clients.models import client_group, user_group
-from messaging import acks, conf, services, validation
+from messaging import acks, conf, sends, services, validation
 from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
@@ -236,9 +236,13 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             await self._send_failure(exc, frame)
 
     async def _on_send(self, frame: dict) -> None:
-        result = await self._send_message(
-            frame.get("client_msg_id"), frame.get("to"), frame.get("body", _MISSING)
-        )
+        cmid, body = frame.get("client_msg_id"), frame.get("body", _MISSING)
+        if body is _MISSING:
+            validation.client_msg_id(cmid)
+            raise Malformed("a send frame needs a body", code="invalid_body")
+        request = services.send_request(self.user, self.client_id, cmid, frame.get("to"), body)
+        # Stored in a batch with the other sockets' sends (messaging.sends).
+        result = await sends.batcher(_db).submit(request)
         await self._send_json(
             {
                 "type": "sent",
@@ -447,13 +451,6 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     @_db
     def _pending(self, after: int, limit: int) -> services.Pending:
         return services.pending_for(self.client_id, after, limit)
-
-    @_db
-    def _send_message(self, cmid: object, to: object, body: object) -> services.SendResult:
-        if body is _MISSING:
-            validation.client_msg_id(cmid)
-            raise Malformed("a send frame needs a body", code="invalid_body")
-        return services.send_from_socket(self.user, self.client_id, cmid, to, body)
 
     @_db
     def _online_peers(self) -> list[str]:

@@ -44,13 +44,13 @@ async def test_a_send_frame_gets_unavailable_and_the_socket_stays_usable(alice, 
     the same send afterwards is stored once."""
     a1 = await new_client(alice)
     tab = await connect_tab(alice, a1)
-    real = services.send_from_socket
-    monkeypatch.setattr(services, "send_from_socket", database_down)
+    real = services.send_many
+    monkeypatch.setattr(services, "send_many", database_down)
     frame = {"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": "x"}
     await tab.send(frame)
     error = await tab.recv_type("error")
     assert (error["code"], error["client_msg_id"]) == ("unavailable", "m1")
-    monkeypatch.setattr(services, "send_from_socket", real)
+    monkeypatch.setattr(services, "send_many", real)
     await tab.send(frame)
     assert (await tab.recv_type("sent"))["duplicate"] is False
     assert await database_sync_to_async(Message.objects.count)() == 1

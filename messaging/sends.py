@@ -1,0 +1,92 @@
+"""
+Sends from every socket of a process, stored together.
+
+A send's transaction is short in the database but long in the server: each of its statements
+gives up the interpreter's lock and waits for it again while the event loop is busy pushing
+frames, and SQLite has one writer. At 200 tabs in one room a send held the write lock for 15-20
+ms (measured), so sends were stored one after the other at about 50 a second, whatever else
+was idle. Here the sends that arrive while a batch is being stored form the next batch, and
+services.send_many stores the sends to one target in one transaction: under light load a send
+is stored at once, alone; under heavy load dozens share the locks, the statements and the commit.
+
+The batches run on a thread of their own (like acks), in arrival order, so a socket's sends
+keep their order, and the sends of one room keep theirs in every tab.
+"""
+
+import asyncio
+import concurrent.futures
+import functools
+import weakref
+from typing import Any
+
+from messaging import services
+
+# Sends per batch: a bound on a transaction's size and on the statements' parameter lists.
+BATCH = 100
+
+
+class SendBatcher:
+    """
+    Collects validated sends (services.SendRequest) and stores them with services.send_many,
+    one batch at a time.
+    """
+
+    def __init__(self, run_db: Any) -> None:
+        self._run_db = run_db  # how a database call is run off the event loop, given a thread
+        self._pending: list[tuple[services.SendRequest, asyncio.Future]] = []
+        self._writing = False
+        self._task: asyncio.Task | None = None
+
+    def submit(self, request: services.SendRequest) -> asyncio.Future:
+        """
+        Store a send; the future settles with its SendResult, or with the error it got.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((request, future))
+        if not self._writing:
+            self._writing = True
+            self._task = loop.create_task(self._write())
+        return future
+
+    async def _write(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+                try:
+                    results = await self._run_db(services.send_many, _thread())(
+                        [request for request, _ in batch]
+                    )
+                except Exception as exc:  # e.g. the database went away: every send fails
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue  # its socket went away meanwhile
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._writing = False
+
+
+@functools.cache
+def _thread() -> concurrent.futures.ThreadPoolExecutor:
+    # The process's send-storing thread (shared by every event loop's batcher: tests run many).
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sends")
+
+
+_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatcher]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def batcher(run_db: Any) -> SendBatcher:
+    """
+    The batcher of the running event loop (one per server process).
+    """
+    loop = asyncio.get_running_loop()
+    found = _batchers.get(loop)
+    if found is None:
+        found = _batchers[loop] = SendBatcher(run_db)
+    return found
