@@ -19,6 +19,7 @@ import functools
 import weakref
 from typing import Any
 
+from clients import push
 from messaging import services
 
 # Sends per batch: a bound on a transaction's size and on the statements' parameter lists.
@@ -52,6 +53,8 @@ class SendBatcher:
     async def _write(self) -> None:
         try:
             while self._pending:
+                # Stored no faster than this process's sockets get them (clients.push).
+                await push.caught_up()
                 batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
                 try:
                     results = await self._run_db(services.send_many, _thread())(
