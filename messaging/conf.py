@@ -22,6 +22,8 @@ DEFAULTS: dict[str, Any] = {
     # Default and largest `limit` of the HTTP list calls.
     "MESSAGING_PAGE_DEFAULT": 100,
     "MESSAGING_PAGE_MAX": 1000,
+    # Under daphne, delivery frames are written to the socket directly (messaging.frames).
+    "MESSAGING_DIRECT_FRAMES": True,
 }
 
 

@@ -23,7 +23,7 @@ from clients import push
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError
 from clients.models import client_group, user_group
-from messaging import acks, conf, sends, services, validation
+from messaging import acks, conf, frames, sends, services, validation
 from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
@@ -98,6 +98,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     gap_check_until = 0.0  # event-loop time until which a scheduled gap check is awaited
     last_ack: asyncio.Future | None = None  # the write of the socket's latest ack
     _loop: asyncio.AbstractEventLoop | None = None  # set once the socket takes pokes directly
+    _direct: frames.Writer | None = None  # writes delivery frames itself, under daphne
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,6 +119,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         # Close codes only reach the browser after accept (else daphne answers HTTP 403).
         await self.accept()
+        self._direct = frames.writer_for(self.base_send)
         # This process's receiver of batched pokes runs before any can be addressed to it.
         push.start_router()
         self.user = self.scope.get("user")
@@ -317,12 +319,12 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             # The next delivery, committed, and carried by the poke itself: no database read.
             # sent_seq moves first: a poke taken directly while this send is awaited must see it.
             self.sent_seq = seq
-            await self.send(text_data=delivery_frame(seq, event["id"], event["tail"]))
+            await self._send_delivery(seq, event["id"], event["tail"])
             while self.sent_seq + 1 in self.held:
                 seq = self.sent_seq + 1
                 message_id, tail = self.held.pop(seq)
                 self.sent_seq = seq
-                await self.send(text_data=delivery_frame(seq, message_id, tail))
+                await self._send_delivery(seq, message_id, tail)
             return
         if seq is None or len(self.held) >= HOLD_MAX:
             await self._flush()
@@ -402,11 +404,16 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                 if seq <= self.sent_seq:
                     continue  # sent meanwhile, by a poke taken while this page was read
                 self.sent_seq = seq
-                await self.send(text_data=delivery_frame(seq, message_id, tail))
+                await self._send_delivery(seq, message_id, tail)
             if len(page.rows) < batch:
                 self.held = {s: v for s, v in self.held.items() if s > self.sent_seq}
                 return page.head
         return None
+
+    async def _send_delivery(self, seq: int, message_id: int, tail: str) -> None:
+        text = delivery_frame(seq, message_id, tail)
+        if self._direct is None or not self._direct(text):
+            await self.send(text_data=text)
 
     async def _send_json(self, payload: dict) -> None:
         await self.send(text_data=dumps(payload))
