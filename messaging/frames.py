@@ -27,6 +27,7 @@ from messaging import conf
 logger = logging.getLogger(__name__)
 
 Writer = Callable[[str], bool]
+_announced = False  # the log line saying that this process writes frames directly
 
 
 def frame_header(length: int) -> bytes:
@@ -51,6 +52,10 @@ def writer_for(send: Any) -> Writer | None:
         return None
     open_state = protocol.STATE_OPEN
     transport = protocol.transport
+    global _announced
+    if not _announced:
+        _announced = True
+        logger.info("delivery frames are written to the sockets directly (MESSAGING_DIRECT_FRAMES)")
 
     def write(text: str) -> bool:
         if (
