@@ -176,3 +176,22 @@ async def test_real_daphne_sockets_get_their_deliveries_written_directly(tmp_pat
         assert "delivery frames are written to the sockets directly" in server.log.read_text()
     finally:
         dep.close()
+
+
+def test_hand_overs_give_the_loop_a_turn_by_time_or_every_16_frames_sent_the_asgi_way(
+    settings, monkeypatch
+):
+    """With direct frames a run of hand-overs lasts TURN_SECONDS (the frames are out already);
+    without them the loop gets a turn every TAKES_PER_TURN, when the frames leave."""
+    from clients import push
+
+    monkeypatch.setattr(push, "TURN_SECONDS", 60.0)
+    settings.MESSAGING_DIRECT_FRAMES = True
+    turn = push._Turn()
+    assert not any(turn.over() for _ in range(1000))
+    monkeypatch.setattr(push, "TURN_SECONDS", 0.0)
+    assert push._Turn().over()
+    monkeypatch.setattr(push, "TURN_SECONDS", 60.0)
+    settings.MESSAGING_DIRECT_FRAMES = False
+    turn = push._Turn()
+    assert [i for i in range(1, 49) if turn.over()] == [16, 32, 48]
