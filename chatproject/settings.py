@@ -154,10 +154,7 @@ if os.environ.get("REDIS_URL"):
                     }
                 ],
                 "prefix": os.environ.get("REDIS_PREFIX", "asgi"),
-                # channels-redis counts every channel of a process in one queue (its sockets'
-                # channels and its router's): at 1,000, a 2-process benchmark run lost pokes
-                # (tabs waited for their next ping: latency p99 32 s; 13.5 s at 20,000).
-                "capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "10000")),
+                "capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "1000")),
                 "expiry": 60,
             },
         }
