@@ -344,3 +344,41 @@ async def test_pokes_to_sockets_of_this_process_skip_the_channel_layer(alice, bo
     assert (poke["type"], poke["seq"]) == ("messaging.poke", 6)
     assert through_layer.count("messaging.poke") == 1
     await ta.disconnect()
+
+
+async def test_a_local_poke_that_needs_a_read_catches_up_without_the_channel_layer(
+    alice, bob, monkeypatch
+):
+    """A poke for a socket of this process that arrives with its hold full (a gap that waited
+    too long) starts a catch-up from the database at once; it never goes through the channel
+    layer, whose queue may be full (channels-redis refuses then, and the tab would wait for its
+    next ping)."""
+    from clients import push
+    from messaging import consumers
+
+    a1, b1 = await new_client(alice), await new_client(bob)
+    ta, tb = await connect_tab(alice, a1), await connect_tab(bob, b1)
+    monkeypatch.setattr(services, "channel_send_after_commit", lambda events: None)
+    for i in range(3):  # stored, no pokes: the socket knows nothing of them yet
+        await tb.send(send_frame(f"m{i}", {"user": "alice"}, i))
+        await tb.recv_type("sent")
+    layer = get_channel_layer()
+    through_layer = []
+    real_send = type(layer).send
+
+    async def recording_send(self, channel, message):
+        through_layer.append(message["type"])
+        await real_send(self, channel, message)
+
+    monkeypatch.setattr(type(layer), "send", recording_send)
+    monkeypatch.setattr(consumers, "HOLD_MAX", 0)  # the hold is full at once
+    channel = await database_sync_to_async(
+        lambda: Client.objects.values_list("channel_name", flat=True).get(pk=a1)
+    )()
+    take = push.local_receivers[channel]
+    assert await take({"type": "messaging.poke", "seq": 3, "id": 0, "tail": "{}"}) is True
+    frames = await ta.deliveries(3)
+    assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, 0), (2, 1), (3, 2)]
+    assert through_layer == []
+    await ta.disconnect()
+    await tb.disconnect()
