@@ -163,7 +163,14 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         await self._flush()
         if client.resync_required:
             await self._send_resync()
-        for name in await self._online_peers():
+        try:
+            peers = await self._online_peers()
+        except (OperationalError, InterfaceError) as exc:
+            # Presence is ephemeral: the socket goes on without it (a chaos run's PostgreSQL
+            # kill here closed the socket with 1011).
+            logger.warning("presence unavailable for client %s: %s", client_id, exc)
+            peers = []
+        for name in peers:
             await self._send_json({"type": "presence", "user": name, "online": True})
 
     def _parse_query(self) -> tuple[uuid.UUID, int, int | None]:

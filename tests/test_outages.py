@@ -233,3 +233,16 @@ async def test_a_consumer_that_dies_mid_life_frees_its_client(alice, monkeypatch
         await tab.comm.wait(timeout=5)
     client = await database_sync_to_async(Client.objects.get)(pk=a1)
     assert client.channel_name == ""
+
+
+async def test_a_socket_whose_presence_read_fails_stays_open(alice, monkeypatch):
+    """Presence is ephemeral: a database failure while reading who is online (the last step of
+    a connect) leaves the socket open and working, without presence frames."""
+    from messaging import consumers
+
+    monkeypatch.setattr(consumers, "online_peers", database_down)
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    await tab.send({"type": "ping"})
+    assert await tab.recv() == {"type": "pong", "head": 0}
+    await tab.disconnect()
