@@ -155,15 +155,6 @@ if os.environ.get("REDIS_URL"):
                 ],
                 "prefix": os.environ.get("REDIS_PREFIX", "asgi"),
                 "capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "1000")),
-                # channels-redis counts the messages for every channel of a process together
-                # (its sockets' and its router's): at 1,000 a process under load refused the
-                # router's batched pokes too, each one for many tabs at once, and the tabs that
-                # got nothing after it waited for their next ping (clients.push.ROUTER).
-                "channel_capacity": {
-                    "specific.*!pokes": int(
-                        os.environ.get("CHANNEL_LAYER_ROUTER_CAPACITY", "100000")
-                    )
-                },
                 "expiry": 60,
             },
         }

@@ -203,6 +203,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self._stop_taking_pokes()
+        if self._flushing is not None:
+            self._flushing.cancel()
         if not self.attached:
             return
         self.attached = False

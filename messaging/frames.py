@@ -22,6 +22,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import ISSLTransport
+
 from messaging import conf
 
 logger = logging.getLogger(__name__)
@@ -106,8 +108,10 @@ def _daphne_protocol(send: Any) -> Any:
     )
     if transport is None or not all(hasattr(protocol, name) for name in needed):
         return None
-    if getattr(transport, "TLS", False):
-        return None  # Twisted encrypts what it writes: its own write only
+    if getattr(transport, "TLS", False) or ISSLTransport.providedBy(transport):
+        # Twisted encrypts what it writes: its own write only. (daphne's ssl: endpoint wraps
+        # the TCP transport in a TLS protocol that passes every attribute through.)
+        return None
     if not all(
         hasattr(transport, name)
         for name in ("socket", "dataBuffer", "_tempDataBuffer", "connected", "disconnecting")

@@ -51,6 +51,8 @@ class SendBatcher:
         return future
 
     async def _write(self) -> None:
+        batch: list[tuple[services.SendRequest, asyncio.Future]] = []
+        done = False
         try:
             while self._pending:
                 # Stored no faster than this process's sockets get them (clients.push).
@@ -69,8 +71,17 @@ class SendBatcher:
                         future.set_exception(result)
                     else:
                         future.set_result(result)
+                batch = []
+            done = True
         finally:
             self._writing = False
+            if not done:
+                # Whatever ended this early (a cancellation at shutdown, a bug): no socket
+                # waits for its send for good; the tab's outbox retries.
+                left, self._pending = batch + self._pending, []
+                for _, future in left:
+                    if not future.done():
+                        future.set_exception(RuntimeError("the send was not stored; retry"))
 
 
 @functools.cache

@@ -140,8 +140,10 @@ async def test_short_seeded_run_finds_no_violation(tmp_path):
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is needed for the Redis restart fault")
         options = short_run(
-            processes=2, faults=("drop", "halfopen", "offline", "kill", "redis", "pgkill", "retry"),
-            fault_every=30, workdir=tmp_path,
+            processes=2,
+            faults=("drop", "halfopen", "offline", "kill", "redis", "pgkill", "retry"),
+            fault_every=30,
+            workdir=tmp_path,
         )
     else:
         options = short_run(workdir=tmp_path)
@@ -171,8 +173,12 @@ async def test_without_store_before_send_the_checker_finds_lost_messages(tmp_pat
     """A build that only pushes to the sockets open at that moment (nothing queued for the
     others) is caught: tabs offline for a few seconds have lost messages."""
     options = short_run(
-        messages=150, rate=30.0, faults=("offline",), fault_every=50,
-        break_="store-before-send", workdir=tmp_path,
+        messages=150,
+        rate=30.0,
+        faults=("offline",),
+        fault_every=50,
+        break_="store-before-send",
+        workdir=tmp_path,
     )
     report = await ChaosRun(options).run()
     assert "lost" in report.violations

@@ -10,6 +10,8 @@ import struct
 import pytest
 import websockets
 from daphne.server import Server
+from twisted.internet.interfaces import ISSLTransport
+from zope.interface import alsoProvides
 
 from messaging import frames
 from tests.servers import Deployment, Session
@@ -121,7 +123,8 @@ def test_a_frame_goes_behind_what_twisted_holds_and_a_partial_send_keeps_the_res
 
 def test_anything_unusual_goes_the_asgi_way(pair, settings):
     """Not open, compression, autobahn's own queue, a payload limit or fragmenting: the writer
-    declines (the consumer then sends through daphne); other servers get no writer at all."""
+    declines (the consumer then sends through daphne); other servers and TLS connections get
+    no writer at all."""
     a, _ = pair
     protocol = FakeProtocol(FakeTransport(a))
     writer = frames.writer_for(daphne_send(protocol))
@@ -145,6 +148,9 @@ def test_anything_unusual_goes_the_asgi_way(pair, settings):
 
     assert frames.writer_for(other_send) is None
     assert frames.writer_for(functools.partial(print, protocol)) is None
+    tls = FakeTransport(a)
+    alsoProvides(tls, ISSLTransport)  # what daphne's ssl: endpoint's wrapper provides
+    assert frames.writer_for(daphne_send(FakeProtocol(tls))) is None
     settings.MESSAGING_DIRECT_FRAMES = False
     assert frames.writer_for(daphne_send(FakeProtocol(FakeTransport(a)))) is None
 

@@ -76,34 +76,3 @@ async def test_the_redis_layer_pool_allows_many_busy_sockets():
     got = [await layer.receive(channel) for _ in range(150)]
     assert sorted(m["n"] for m in got) == list(range(150))
     await layer.flush()
-
-
-async def test_a_full_process_queue_on_redis_still_takes_batched_pokes(settings):
-    """channels-redis counts the messages for every channel of one process together: once its
-    sockets' messages fill the capacity, a batch of pokes for its router (one message for many
-    tabs) is still accepted."""
-    import os
-
-    from channels.exceptions import ChannelFull
-
-    from clients import push
-
-    if not os.environ.get("REDIS_URL"):
-        pytest.skip("the channels-redis half of the suite")
-    from channels_redis.core import RedisChannelLayer
-
-    config = dict(settings.CHANNEL_LAYERS["default"]["CONFIG"])
-    config.update(capacity=3, prefix=config.get("prefix", "asgi") + "-capacity-test")
-    layer = RedisChannelLayer(**config)
-    try:
-        socket = await layer.new_channel()
-        for i in range(3):
-            await layer.send(socket, {"type": "t", "n": i})
-        with pytest.raises(ChannelFull):
-            await layer.send(f"specific.{layer.client_prefix}!another", {"type": "t"})
-        router = f"specific.{layer.client_prefix}!{push.ROUTER}"
-        await layer.send(router, {"type": "pokes", "items": []})
-        assert (await layer.receive(router))["type"] == "pokes"
-    finally:
-        await layer.flush()
-        await layer.close_pools()
