@@ -15,12 +15,11 @@ written either (see the consumer's _on_ack).
 
 import asyncio
 import concurrent.futures
-import functools
 import uuid
 import weakref
 from typing import Any
 
-from messaging import services
+from messaging import batching, services
 
 # Clients per transaction: a bound on the statement's size (SQLite parses a chain of ORs as a
 # tree at most 1,000 deep).
@@ -87,12 +86,6 @@ class AckBatcher:
                     future.set_exception(error)
 
 
-@functools.cache
-def _thread() -> concurrent.futures.ThreadPoolExecutor:
-    # The process's ack-writing thread (shared by every event loop's batcher: tests run many).
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="acks")
-
-
 _batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AckBatcher]" = (
     weakref.WeakKeyDictionary()
 )
@@ -102,8 +95,8 @@ def batcher(run_db: Any) -> AckBatcher:
     """
     The batcher of the running event loop (one per server process).
     """
-    loop = asyncio.get_running_loop()
-    found = _batchers.get(loop)
-    if found is None:
-        found = _batchers[loop] = AckBatcher(run_db)
-    return found
+    return batching.of_this_loop(_batchers, lambda: AckBatcher(run_db))
+
+
+def _thread() -> concurrent.futures.ThreadPoolExecutor:
+    return batching.one_thread("acks")

@@ -15,12 +15,11 @@ keep their order, and the sends of one room keep theirs in every tab.
 
 import asyncio
 import concurrent.futures
-import functools
 import weakref
 from typing import Any
 
 from clients import push
-from messaging import services
+from messaging import batching, services
 
 # Sends per batch: a bound on a transaction's size and on the statements' parameter lists.
 BATCH = 100
@@ -84,12 +83,6 @@ class SendBatcher:
                         future.set_exception(RuntimeError("the send was not stored; retry"))
 
 
-@functools.cache
-def _thread() -> concurrent.futures.ThreadPoolExecutor:
-    # The process's send-storing thread (shared by every event loop's batcher: tests run many).
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sends")
-
-
 _batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatcher]" = (
     weakref.WeakKeyDictionary()
 )
@@ -99,8 +92,8 @@ def batcher(run_db: Any) -> SendBatcher:
     """
     The batcher of the running event loop (one per server process).
     """
-    loop = asyncio.get_running_loop()
-    found = _batchers.get(loop)
-    if found is None:
-        found = _batchers[loop] = SendBatcher(run_db)
-    return found
+    return batching.of_this_loop(_batchers, lambda: SendBatcher(run_db))
+
+
+def _thread() -> concurrent.futures.ThreadPoolExecutor:
+    return batching.one_thread("sends")

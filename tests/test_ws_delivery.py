@@ -313,6 +313,22 @@ async def test_a_ping_rejoins_groups_a_restarted_channel_layer_forgot(alice, bob
     await tb.disconnect()
 
 
+def record_layer_sends(monkeypatch) -> list[str]:
+    """
+    The types of the events sent through the channel layer from now on (still sent).
+    """
+    layer = get_channel_layer()
+    sent: list[str] = []
+    real_send = type(layer).send
+
+    async def recording_send(self, channel, message):
+        sent.append(message["type"])
+        await real_send(self, channel, message)
+
+    monkeypatch.setattr(type(layer), "send", recording_send)
+    return sent
+
+
 async def test_pokes_to_sockets_of_this_process_skip_the_channel_layer(alice, bob, monkeypatch):
     """A delivery to a socket of the sending process is handed to it directly (no channel-layer
     message per tab), in order; a socket of another process (here: a channel without a local
@@ -320,14 +336,7 @@ async def test_pokes_to_sockets_of_this_process_skip_the_channel_layer(alice, bo
     a1, b1 = await new_client(alice), await new_client(bob)
     ta, tb = await connect_tab(alice, a1), await connect_tab(bob, b1)
     layer = get_channel_layer()
-    through_layer = []
-    real_send = type(layer).send
-
-    async def recording_send(self, channel, message):
-        through_layer.append(message["type"])
-        await real_send(self, channel, message)
-
-    monkeypatch.setattr(type(layer), "send", recording_send)
+    through_layer = record_layer_sends(monkeypatch)
     for i in range(5):
         await ta.send(send_frame(f"m{i}", {"user": "bob"}, i))
     assert [f["seq"] for f in await tb.deliveries(5)] == [1, 2, 3, 4, 5]
@@ -362,15 +371,7 @@ async def test_a_local_poke_that_needs_a_read_catches_up_without_the_channel_lay
     for i in range(3):  # stored, no pokes: the socket knows nothing of them yet
         await tb.send(send_frame(f"m{i}", {"user": "alice"}, i))
         await tb.recv_type("sent")
-    layer = get_channel_layer()
-    through_layer = []
-    real_send = type(layer).send
-
-    async def recording_send(self, channel, message):
-        through_layer.append(message["type"])
-        await real_send(self, channel, message)
-
-    monkeypatch.setattr(type(layer), "send", recording_send)
+    through_layer = record_layer_sends(monkeypatch)
     monkeypatch.setattr(consumers, "HOLD_MAX", 0)  # the hold is full at once
     channel = await database_sync_to_async(
         lambda: Client.objects.values_list("channel_name", flat=True).get(pk=a1)
