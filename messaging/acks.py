@@ -14,9 +14,7 @@ written either (see the consumer's _on_ack).
 """
 
 import asyncio
-import concurrent.futures
 import uuid
-import weakref
 from typing import Any
 
 from messaging import batching, services
@@ -61,12 +59,12 @@ class AckBatcher:
                 acks = {cid: seq for cid, (seq, _) in batch.items()}
                 try:
                     try:
-                        await self._run_db(services.ack_many, _thread())(acks)
+                        await self._run_db(services.ack_many, batching.one_thread("acks"))(acks)
                     except Exception:
                         # One failure (a lock timeout, a dropped connection) would fail every
                         # socket's ack in the batch, and a tab need not repeat an ack: retry once.
                         await asyncio.sleep(RETRY_AFTER)
-                        await self._run_db(services.ack_many, _thread())(acks)
+                        await self._run_db(services.ack_many, batching.one_thread("acks"))(acks)
                 except Exception as exc:
                     self._settle(batch, exc)
                 else:
@@ -84,19 +82,3 @@ class AckBatcher:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
-
-
-_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AckBatcher]" = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def batcher(run_db: Any) -> AckBatcher:
-    """
-    The batcher of the running event loop (one per server process).
-    """
-    return batching.of_this_loop(_batchers, lambda: AckBatcher(run_db))
-
-
-def _thread() -> concurrent.futures.ThreadPoolExecutor:
-    return batching.one_thread("acks")

@@ -8,7 +8,7 @@ import concurrent.futures
 import functools
 import weakref
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -22,14 +22,18 @@ def one_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
 
 
-def of_this_loop(
-    registry: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T]", make: Callable[[], T]
-) -> T:
+_by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Any]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def of_this_loop(kind: Callable[[Any], T], run_db: Any) -> T:
     """
-    The running event loop's object in `registry` (one per server process), made on first use.
+    The running event loop's batcher of this kind (one per server process), made on first use
+    with `run_db`, how it runs a database call off the loop given a thread.
     """
-    loop = asyncio.get_running_loop()
-    found = registry.get(loop)
+    batchers = _by_loop.setdefault(asyncio.get_running_loop(), {})
+    found = batchers.get(kind)
     if found is None:
-        found = registry[loop] = make()
+        found = batchers[kind] = kind(run_db)
     return found

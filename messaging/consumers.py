@@ -23,7 +23,7 @@ from clients import push
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError
 from clients.models import client_group, user_group
-from messaging import acks, conf, frames, sends, services, validation
+from messaging import acks, batching, conf, frames, sends, services, validation
 from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
@@ -255,7 +255,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             raise Malformed("a send frame needs a body", code="invalid_body")
         request = services.send_request(self.user, self.client_id, cmid, frame.get("to"), body)
         # Stored in a batch with the other sockets' sends (messaging.sends).
-        result = await sends.batcher(_db).submit(request)
+        result = await batching.of_this_loop(sends.SendBatcher, _db).submit(request)
         await self._send_json(
             {
                 "type": "sent",
@@ -270,7 +270,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         # batch. A failed write gets its error frame when it fails; a ping waits for the ack
         # before it (the pong finds the ack written).
         seq = validation.int_value(frame.get("seq"), "seq")
-        self.last_ack = acks.batcher(_db).submit(self.client_id, seq)
+        self.last_ack = batching.of_this_loop(acks.AckBatcher, _db).submit(self.client_id, seq)
         self.last_ack.add_done_callback(self._ack_written)
 
     def _ack_written(self, future: asyncio.Future) -> None:

@@ -14,8 +14,6 @@ keep their order, and the sends of one room keep theirs in every tab.
 """
 
 import asyncio
-import concurrent.futures
-import weakref
 from typing import Any
 
 from clients import push
@@ -58,7 +56,7 @@ class SendBatcher:
                 await push.caught_up()
                 batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
                 try:
-                    results = await self._run_db(services.send_many, _thread())(
+                    results = await self._run_db(services.send_many, batching.one_thread("sends"))(
                         [request for request, _ in batch]
                     )
                 except Exception as exc:  # e.g. the database went away: every send fails
@@ -81,19 +79,3 @@ class SendBatcher:
                 for _, future in left:
                     if not future.done():
                         future.set_exception(RuntimeError("the send was not stored; retry"))
-
-
-_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatcher]" = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def batcher(run_db: Any) -> SendBatcher:
-    """
-    The batcher of the running event loop (one per server process).
-    """
-    return batching.of_this_loop(_batchers, lambda: SendBatcher(run_db))
-
-
-def _thread() -> concurrent.futures.ThreadPoolExecutor:
-    return batching.one_thread("sends")
