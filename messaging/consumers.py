@@ -122,6 +122,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         # Close codes only reach the browser after accept (else daphne answers HTTP 403).
         await self.accept()
         self._direct = frames.writer_for(self.base_send)
+        frames.install_reader(self.base_send)
         # This process's receiver of batched pokes runs before any can be addressed to it.
         push.start_router()
         self.user = self.scope.get("user")

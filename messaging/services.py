@@ -22,7 +22,7 @@ from clients.errors import Conflict, Forbidden, NotFound, RateLimited
 from clients.models import Client, client_group, user_group
 from clients.push import channel_send_after_commit, group_send_after_commit, group_send_now
 from clients.services import AnyUser, get_own_client, require_user, touch
-from messaging import conf, validation
+from messaging import batching, conf, validation
 from messaging.models import Delivery, Message, Room
 from messaging.wire import message_tail
 
@@ -179,7 +179,7 @@ def send_many(requests: list[SendRequest]) -> list[SendResult | Exception]:
     for indexes in groups.values():
         batch = [requests[i] for i in indexes]
         try:
-            with transaction.atomic():
+            with batching.one_writer(), transaction.atomic():
                 stored = _store(batch)
         except Exception as exc:
             stored = [exc] * len(batch)
@@ -418,7 +418,7 @@ def ack_many(acks: dict[uuid.UUID, int]) -> None:
     # row by the driver, no read back: a SELECT of the rows first, through the ORM, cost more
     # than the writes.
     keys = sorted((_uuid_param(cid), seq) for cid, seq in acks.items())
-    with transaction.atomic(), connection.cursor() as cursor:
+    with batching.one_writer(), transaction.atomic(), connection.cursor() as cursor:
         cursor.executemany(
             _statements()["ack_update"],
             [(seq, seq, seq, now, seq, False, key) for key, seq in keys],
