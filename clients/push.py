@@ -159,6 +159,14 @@ async def caught_up() -> None:
         await asyncio.wait_for(future, BACKLOG_WAIT_MAX)
 
 
+def handing_over() -> bool:
+    """
+    Whether this event loop's pushes have pokes left to hand over.
+    """
+    pushes = _pushes.get(asyncio.get_running_loop())
+    return pushes is not None and pushes.backlog > 0
+
+
 def _enqueue(loop: asyncio.AbstractEventLoop, item: tuple) -> None:
     # Runs in the loop's thread.
     pushes = _pushes.get(loop)

@@ -17,12 +17,20 @@ import asyncio
 import uuid
 from typing import Any
 
-from messaging import batching, services
+from clients import push
+from messaging import batching, sends, services
 
 # Clients per transaction: a bound on the statement's size (SQLite parses a chain of ORs as a
 # tree at most 1,000 deep).
 BATCH = 200
 RETRY_AFTER = 0.2  # seconds before a failed batch is written once more
+# Sends go first: a batch of acks waits while a send is being stored or its pokes handed over,
+# for at most SENDS_FIRST_MAX seconds (checked every SENDS_FIRST_POLL). An ack only frees queue
+# rows; a send is what a tab waits for. The ack thread's batches took the process's share of
+# the interpreter and SQLite's lock from the send behind them (fan-out to 1,000 tabs: the
+# previous message's 1,000 acks are written while the next send is stored and handed over).
+SENDS_FIRST_MAX = 0.1
+SENDS_FIRST_POLL = 0.005
 
 
 class AckBatcher:
@@ -54,6 +62,7 @@ class AckBatcher:
     async def _write(self) -> None:
         try:
             while self._pending:
+                await _after_sends()
                 ids = list(self._pending)[:BATCH]
                 batch = {cid: self._pending.pop(cid) for cid in ids}
                 acks = {cid: seq for cid, (seq, _) in batch.items()}
@@ -82,3 +91,14 @@ class AckBatcher:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
+
+
+async def _after_sends() -> None:
+    # See SENDS_FIRST_MAX.
+    loop = asyncio.get_running_loop()
+    until = loop.time() + SENDS_FIRST_MAX
+    while loop.time() < until:
+        sender = batching.made_on_this_loop(sends.SendBatcher)
+        if not ((sender is not None and sender.storing) or push.handing_over()):
+            return
+        await asyncio.sleep(SENDS_FIRST_POLL)

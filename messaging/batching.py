@@ -50,6 +50,13 @@ _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Any]]"
 )
 
 
+def made_on_this_loop(kind: Callable[[Any], T]) -> T | None:
+    """
+    The running event loop's batcher of this kind if it has one.
+    """
+    return _by_loop.get(asyncio.get_running_loop(), {}).get(kind)
+
+
 def of_this_loop(kind: Callable[[Any], T], run_db: Any) -> T:
     """
     The running event loop's batcher of this kind (one per server process), made on first use

@@ -34,6 +34,7 @@ class SendBatcher:
         self._pending: list[tuple[services.SendRequest, asyncio.Future]] = []
         self._writing = False
         self._task: asyncio.Task | None = None
+        self.storing = False  # a batch is in the database now
 
     def submit(self, request: services.SendRequest) -> asyncio.Future:
         """
@@ -55,12 +56,15 @@ class SendBatcher:
                 # Stored no faster than this process's sockets get them (clients.push).
                 await push.caught_up()
                 batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+                self.storing = True
                 try:
                     results = await self._run_db(services.send_many, batching.one_thread("sends"))(
                         [request for request, _ in batch]
                     )
                 except Exception as exc:  # e.g. the database went away: every send fails
                     results = [exc] * len(batch)
+                finally:
+                    self.storing = False
                 for (_, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue  # its socket went away meanwhile

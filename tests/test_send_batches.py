@@ -4,6 +4,7 @@ no faster than its sockets get the messages (clients.push.caught_up)."""
 
 import asyncio
 import threading
+import uuid
 
 import pytest
 
@@ -11,7 +12,7 @@ from clients import push
 from clients.errors import Forbidden, NotFound
 from clients.models import Client
 from clients.services import register_client
-from messaging import services
+from messaging import acks, batching, sends, services
 from messaging.models import Delivery, Message
 from tests.conftest import connect_tab, make_user, new_client
 
@@ -148,6 +149,47 @@ async def test_sends_wait_while_the_process_has_pokes_to_hand_over(monkeypatch):
     finally:
         if pushes.task is not None:
             pushes.task.cancel()
+        del push._pushes[loop]
+
+
+async def test_acks_wait_while_a_send_is_stored_or_handed_over(monkeypatch):
+    """A batch of acks is written after the send being stored and after the pokes being handed
+    over, and no later than SENDS_FIRST_MAX when they take longer."""
+    monkeypatch.setattr(acks, "SENDS_FIRST_MAX", 0.3)
+    loop = asyncio.get_running_loop()
+    written: list[float] = []
+
+    def run_db(func, executor=None):
+        async def call(*args):
+            written.append(loop.time())
+
+        return call
+
+    sender = batching.of_this_loop(sends.SendBatcher, run_db)
+    batcher = acks.AckBatcher(run_db)
+    pushes = push._pushes[loop] = push._Pushes()
+    try:
+        await batcher.submit(uuid.uuid4(), 1)  # nothing going on: written at once
+        assert len(written) == 1
+
+        sender.storing = True
+        ack = batcher.submit(uuid.uuid4(), 1)
+        await asyncio.sleep(0.1)
+        assert len(written) == 1  # waits for the send
+        sender.storing = False
+        pushes.backlog = 5  # its pokes are being handed over
+        await asyncio.sleep(0.05)
+        assert len(written) == 1
+        pushes.backlog = 0
+        await asyncio.wait_for(ack, 1)
+        assert len(written) == 2
+
+        sender.storing = True  # a send that never ends
+        started = loop.time()
+        await asyncio.wait_for(batcher.submit(uuid.uuid4(), 1), 2)
+        assert 0.25 < written[-1] - started < 1.5
+    finally:
+        sender.storing = False
         del push._pushes[loop]
 
 
