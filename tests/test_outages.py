@@ -4,6 +4,7 @@ usable or close with a retry code, and nothing stored half-way or left marked as
 """
 
 import asyncio
+import collections
 
 import pytest
 from channels.db import database_sync_to_async
@@ -13,7 +14,7 @@ from django.db import OperationalError
 
 from clients import services as client_services
 from clients.models import Client
-from messaging import services
+from messaging import consumers, services
 from messaging.models import Delivery, Message
 from tests.conftest import api_post, connect_tab, http_as, new_client, refused_with
 
@@ -154,10 +155,69 @@ async def first_poke_lost(alice, bob, monkeypatch):
     return ta, tb
 
 
+def record_gap_checks(monkeypatch, refuse: bool) -> list:
+    # The gap checks sent through the channel layer; refused as by a full channel if `refuse`.
+    layer = get_channel_layer()
+    layer_send = layer.send
+    sent: list = []
+
+    async def send(channel, message):
+        if message.get("type") == "messaging.gap":
+            sent.append(channel)
+            if refuse:
+                raise ChannelFull(channel)
+        return await layer_send(channel, message)
+
+    monkeypatch.setattr(layer, "send", send)
+    return sent
+
+
+async def test_a_gap_check_goes_through_the_sockets_own_queue(alice, bob, monkeypatch):
+    """Under daphne (and the test communicator) the check that reads a gap from the database
+    joins the socket's own queue of messages: in turn with its other work, and never refused
+    by a full channel layer."""
+    ta, tb = await first_poke_lost(alice, bob, monkeypatch)
+    through_layer = record_gap_checks(monkeypatch, refuse=True)
+    await tb.send({"type": "send", "client_msg_id": "m2", "to": {"user": "alice"}, "body": 2})
+    frames = await ta.deliveries(2, timeout=3)
+    assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, 1), (2, 2)]
+    assert through_layer == []
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_refused_gap_checks_are_retried_one_at_a_time_while_the_gap_lasts(
+    alice, bob, monkeypatch
+):
+    """Elsewhere the check goes through the channel layer. Refused (a full channel), it is tried
+    again every GAP_WAIT * 4 by one retry, and no more once the gap is gone (here: read by the
+    tab's ping). Before, every refusal started a retry of its own, without end."""
+    monkeypatch.setattr(consumers, "_own_queue", lambda receive: None)
+    ta, tb = await first_poke_lost(alice, bob, monkeypatch)
+    refused = record_gap_checks(monkeypatch, refuse=True)
+    await tb.send({"type": "send", "client_msg_id": "m2", "to": {"user": "alice"}, "body": 2})
+    await tb.recv_type("sent")
+    await asyncio.sleep(consumers.GAP_WAIT + consumers.GAP_WAIT * 4 * 2.5)
+    # Both tabs have the gap (the sender's tab gets its own message too): one chain each.
+    per_tab = collections.Counter(refused)
+    assert len(per_tab) == 2 and all(2 <= n <= 4 for n in per_tab.values()), per_tab
+    for tab in (ta, tb):
+        await tab.send({"type": "ping"})
+    for tab in (ta, tb):
+        frames = await tab.deliveries(2, timeout=3)
+        assert [(f["seq"], f["message"]["body"]) for f in frames] == [(1, 1), (2, 2)]
+        await tab.recv_type("pong")
+    after_ping = len(refused)
+    await asyncio.sleep(consumers.GAP_WAIT * 4 * 3)
+    assert len(refused) <= after_ping + 2  # the ones on their way, if any; then none
+    await ta.disconnect()
+    await tb.disconnect()
+
+
 async def test_a_gap_check_the_layer_refuses_is_tried_again(alice, bob, monkeypatch):
-    """The check that reads a gap from the database goes through the channel layer (in turn with
-    the socket's other work); when the layer refuses it (a full channel, Redis restarting), it
-    is tried again rather than left to the tab's next ping."""
+    """Through the channel layer, a refused check (a full channel, Redis restarting) is tried
+    again rather than left to the tab's next ping."""
+    monkeypatch.setattr(consumers, "_own_queue", lambda receive: None)
     ta, tb = await first_poke_lost(alice, bob, monkeypatch)
     layer = get_channel_layer()
     layer_send = layer.send

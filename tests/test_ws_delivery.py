@@ -1,5 +1,7 @@
 """The WebSocket delivery rules: fan-out per tab, gapless seq, ack, replay, dedup, supersede."""
 
+import asyncio
+
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -383,3 +385,48 @@ async def test_a_local_poke_that_needs_a_read_catches_up_without_the_channel_lay
     assert through_layer == []
     await ta.disconnect()
     await tb.disconnect()
+
+
+async def test_the_consumer_takes_layer_messages_one_at_a_time_between_socket_frames():
+    """The consumer's wait (consumers._dispatch_all): socket frames and channel-layer messages are
+    dispatched one at a time; the next layer message is received only once the previous one is
+    dispatched (a busy consumer leaves them in the layer); a failing layer ends the consumer."""
+    from channels.exceptions import StopConsumer
+
+    from messaging.consumers import _dispatch_all
+
+    queue: asyncio.Queue = asyncio.Queue()
+    layer: asyncio.Queue = asyncio.Queue()
+    received, dispatched = [], []
+    first_done = asyncio.Event()
+
+    async def layer_receive():
+        message = await layer.get()
+        if isinstance(message, Exception):
+            raise message
+        received.append(message["n"])
+        return message
+
+    async def dispatch(message):
+        if message["n"] == 1:
+            await first_done.wait()
+        dispatched.append(message["n"])
+        if message["n"] == "stop":
+            raise StopConsumer
+
+    for n in (1, 2, 3):
+        layer.put_nowait({"type": "x", "n": n})
+    task = asyncio.create_task(_dispatch_all(queue, layer_receive, dispatch))
+    await asyncio.sleep(0.05)
+    assert received == [1]  # 2 and 3 wait in the layer while 1 is being dispatched
+    queue.put_nowait({"type": "websocket.receive", "n": 0})
+    first_done.set()
+    await asyncio.sleep(0.05)
+    assert dispatched == [1, 0, 2, 3]
+    queue.put_nowait({"type": "websocket.receive", "n": "stop"})
+    with pytest.raises(StopConsumer):
+        await task
+
+    layer.put_nowait(ConnectionError("Redis went away"))
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(_dispatch_all(asyncio.Queue(), layer_receive, dispatch), 2)
