@@ -29,6 +29,8 @@ RETRY_AFTER = 0.2  # seconds before a failed batch is written once more
 # rows; a send is what a tab waits for. The ack thread's batches took the process's share of
 # the interpreter and SQLite's lock from the send behind them (fan-out to 1,000 tabs: the
 # previous message's 1,000 acks are written while the next send is stored and handed over).
+# Under a steady flow of sends every batch waits the whole SENDS_FIRST_MAX (the send batcher is
+# always storing): acks are written up to 0.1 s later, and a `ping` behind an ack waits as long.
 SENDS_FIRST_MAX = 0.1
 SENDS_FIRST_POLL = 0.005
 

@@ -127,6 +127,7 @@ async def _dispatch_all(
     loop waits on that one queue.
     """
     dispatched = asyncio.Event()
+    stopping = False
 
     async def pump() -> None:
         while True:
@@ -135,6 +136,10 @@ async def _dispatch_all(
             except Exception as exc:  # e.g. Redis went away: the consumer ends, as in channels
                 queue.put_nowait(_FromLayer(error=exc))
                 return
+            except asyncio.CancelledError:
+                if not stopping:  # cancelled from inside the layer: no silent end either
+                    queue.put_nowait(_FromLayer(error=RuntimeError("channel layer receive ended")))
+                raise
             dispatched.clear()
             queue.put_nowait(_FromLayer(message))
             await dispatched.wait()
@@ -155,10 +160,14 @@ async def _dispatch_all(
             else:
                 await dispatch(message)
     finally:
+        stopping = True
         if pumping is not None:
             pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pumping
+            # Waited for briefly, not for good: a layer whose receive lingers after its
+            # cancellation must not hold this consumer (or the server's shutdown) up.
+            await asyncio.wait({pumping}, timeout=1.0)
+            if pumping.done() and not pumping.cancelled():
+                pumping.exception()  # retrieved: it ended the consumer already, or nothing did
 
 
 class DeliveryConsumer(AsyncWebsocketConsumer):
@@ -167,6 +176,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     """
 
     client_id: uuid.UUID
+    user: Any = None  # the scope's user, set at connect
     sent_seq = 0
     attached = False
     closing = False

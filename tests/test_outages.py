@@ -200,7 +200,7 @@ async def test_refused_gap_checks_are_retried_one_at_a_time_while_the_gap_lasts(
     await asyncio.sleep(consumers.GAP_WAIT + consumers.GAP_WAIT * 4 * 2.5)
     # Both tabs have the gap (the sender's tab gets its own message too): one chain each.
     per_tab = collections.Counter(refused)
-    assert len(per_tab) == 2 and all(2 <= n <= 4 for n in per_tab.values()), per_tab
+    assert len(per_tab) == 2 and all(1 <= n <= 6 for n in per_tab.values()), per_tab
     for tab in (ta, tb):
         await tab.send({"type": "ping"})
     for tab in (ta, tb):

@@ -430,3 +430,9 @@ async def test_the_consumer_takes_layer_messages_one_at_a_time_between_socket_fr
     layer.put_nowait(ConnectionError("Redis went away"))
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(_dispatch_all(asyncio.Queue(), layer_receive, dispatch), 2)
+
+    async def cancelled_inside():
+        raise asyncio.CancelledError  # a layer's receive cancelled by something of its own
+
+    with pytest.raises(RuntimeError, match="channel layer receive ended"):
+        await asyncio.wait_for(_dispatch_all(asyncio.Queue(), cancelled_inside, dispatch), 2)
