@@ -98,14 +98,6 @@ def _own_queue(receive: Any) -> asyncio.Queue | None:
     return None
 
 
-class _Local:
-    # An event of the consumer for itself, dispatched in turn with the socket's messages.
-    __slots__ = ("message",)
-
-    def __init__(self, message: dict) -> None:
-        self.message = message
-
-
 class _FromLayer:
     # A channel-layer message (or the error its receive raised) in the socket's queue.
     __slots__ = ("error", "message")
@@ -155,8 +147,6 @@ async def _dispatch_all(
                     await dispatch(message.message)
                 finally:
                     dispatched.set()
-            elif type(message) is _Local:
-                await dispatch(message.message)
             else:
                 await dispatch(message)
     finally:
@@ -486,8 +476,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             return  # filled meanwhile: nothing to check
         check = {"type": "messaging.gap"}
         if self._queue is not None:
-            # In turn with this consumer's handlers, through its own queue (_dispatch_all).
-            self._queue.put_nowait(_Local(check))
+            # In turn with this consumer's handlers, through its own queue (_dispatch_all
+            # dispatches an event there like a frame of the socket).
+            self._queue.put_nowait(check)
             return
 
         # Else through the channel layer, for the same reason.

@@ -2,6 +2,7 @@
 WebSocket text frame, in order with what Twisted holds, and only while that is safe."""
 
 import collections
+import contextlib
 import functools
 import json
 import socket
@@ -82,6 +83,21 @@ def receive_all(sock: socket.socket, n: int) -> bytes:
     return out
 
 
+@contextlib.contextmanager
+def served_client(tmp_path, name: str):
+    # A real daphne with user `name` logged in and one client registered: (server, session, id).
+    dep = Deployment(tmp_path)
+    try:
+        dep.create_user(name, f"{name}-pass-1")
+        server = dep.start()
+        session = Session(server.base_url)
+        session.login(name, f"{name}-pass-1")
+        _, created = session.request("POST", "/api/clients/")
+        yield server, session, created["client_id"]
+    finally:
+        dep.close()
+
+
 @pytest.mark.parametrize("length", [0, 5, 125, 126, 65535, 65536, 70000])
 def test_a_frame_is_a_final_unmasked_text_frame_of_its_payload(pair, length):
     """Headers of every size class (7-bit, 16-bit and 64-bit lengths) carry the exact payload."""
@@ -158,14 +174,7 @@ def test_anything_unusual_goes_the_asgi_way(pair, settings):
 async def test_real_daphne_sockets_get_their_deliveries_written_directly(tmp_path):
     """Through a real daphne the consumer finds the connection's protocol (the server says so in
     its log), and deliveries of every size arrive intact and in order."""
-    dep = Deployment(tmp_path)
-    try:
-        dep.create_user("fran", "fran-pass-1")
-        server = dep.start()
-        session = Session(server.base_url)
-        session.login("fran", "fran-pass-1")
-        _, created = session.request("POST", "/api/clients/")
-        cid = created["client_id"]
+    with served_client(tmp_path, "fran") as (server, session, cid):
         url = f"{server.ws_url}/ws/?client_id={cid}"
         bodies = ["ß", "z" * 200, "€" * 21_000, "q" * 65_000]
         async with websockets.connect(url, additional_headers=session.ws_headers()) as ws:
@@ -180,8 +189,6 @@ async def test_real_daphne_sockets_get_their_deliveries_written_directly(tmp_pat
                     got.append((frame["seq"], frame["message"]["body"]))
         assert got == list(enumerate(bodies, 1))
         assert "delivery frames are written to the sockets directly" in server.log.read_text()
-    finally:
-        dep.close()
 
 
 def test_hand_overs_give_the_loop_a_turn_by_time_or_every_16_frames_sent_the_asgi_way(
@@ -384,20 +391,14 @@ def test_real_daphne_reads_plain_and_unusual_frames_alike(tmp_path):
     import base64
     import os
 
-    dep = Deployment(tmp_path)
-    try:
-        dep.create_user("gil", "gil-pass-1")
-        server = dep.start()
-        session = Session(server.base_url)
-        session.login("gil", "gil-pass-1")
-        _, created = session.request("POST", "/api/clients/")
+    with served_client(tmp_path, "gil") as (server, session, cid):
         host, port = server.base_url.split("//")[1].split(":")
         sock = socket.create_connection((host, int(port)), timeout=10)
         key = base64.b64encode(os.urandom(16)).decode()
         headers = session.ws_headers()
         sock.sendall(
             (
-                f"GET /ws/?client_id={created['client_id']} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"GET /ws/?client_id={cid} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                 f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 f"Sec-WebSocket-Version: 13\r\nOrigin: {headers['Origin']}\r\n"
                 f"Cookie: {headers['Cookie']}\r\n\r\n"
@@ -436,5 +437,3 @@ def test_real_daphne_reads_plain_and_unusual_frames_alike(tmp_path):
             left = []
         assert all(opcode == 8 for opcode, _ in left)  # at most a close frame
         sock.close()
-    finally:
-        dep.close()
