@@ -7,6 +7,7 @@ layer when unset), DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS.
 """
 
 import os
+import socket
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -133,18 +134,37 @@ else:
         }
     }
 
+
+def _env_seconds(name: str) -> float | None:
+    """A duration in seconds from the environment; unset, empty or "none" means no limit."""
+    raw = os.environ.get(name, "").strip().lower()
+    return None if raw in {"", "none"} else float(raw)
+
+
+# TCP keepalive on Redis connections: a silent dead peer is noticed within about 30 s.
+_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4))
+    if hasattr(socket, name)
+}
+
 if os.environ.get("REDIS_URL"):
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                # redis-py 8 defaults socket_timeout to 5 s, exactly channels-redis's blocking
-                # BZPOPMIN of 5 s: idle sockets' receive loops then die with a read timeout
-                # (1011). Reads must be allowed to outlast the blocking pop.
+                # No read timeout on the layer's connections. redis-py 8 defaults it to 5 s,
+                # exactly channels-redis's blocking BZPOPMIN of 5 s (idle sockets died with
+                # 1011); and with any read timeout, a cancelled receive() now and then does not
+                # end: the cancellation becomes a read timeout, which redis-py retries, and
+                # channels-redis pops again (tests/test_layers.py). Reads stay bounded by the
+                # server's 5 s pop; a dead peer is found by TCP keepalive.
                 "hosts": [
                     {
                         "address": os.environ["REDIS_URL"],
-                        "socket_timeout": float(os.environ.get("REDIS_SOCKET_TIMEOUT", "30")),
+                        "socket_timeout": _env_seconds("REDIS_SOCKET_TIMEOUT"),
+                        "socket_keepalive": True,
+                        "socket_keepalive_options": _KEEPALIVE,
                         "socket_connect_timeout": 5.0,
                         # redis-py 8 caps a pool at 100 connections and then fails at once
                         # (MaxConnectionsError): a process with 100 busy sockets (group joins,

@@ -303,24 +303,67 @@ async def _send_each(layer, events: list[tuple[str, dict]]) -> None:
             logger.warning("channel layer push to %s failed: %r", channel, exc)
 
 
-_routers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task]" = (
+class _Router:
+    """
+    This event loop's receiver of batched events (channels-redis only), owned by the loop's
+    sockets: the first one starts it and the last one to end stops it, so a loop without
+    sockets (a test's, or a server's at shutdown) has no task left waiting on Redis.
+    """
+
+    def __init__(self) -> None:
+        self.sockets = 0
+        self.task: asyncio.Task | None = None
+
+    def acquire(self, layer: Any, name: str) -> None:
+        self.sockets += 1
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(_route(layer, name))
+
+    def release(self) -> None:
+        self.sockets = max(0, self.sockets - 1)
+        if self.sockets == 0 and self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+
+_routers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Router]" = (
     weakref.WeakKeyDictionary()
 )
 
 
-def start_router() -> None:
+def start_router() -> bool:
     """
-    Receive this process's batched events (channels-redis only) and hand each one to its socket;
-    started by the first socket of the process, before any event can be addressed to it.
+    Count a socket of this event loop as an owner of the loop's router of batched events, and
+    start the router if it is not running; True if the socket must call `stop_router` when it
+    ends. Called before any event can be addressed to the socket.
     """
     layer = get_channel_layer()
     prefix = getattr(layer, "client_prefix", None)
     if layer is None or prefix is None:
-        return
+        return False
     loop = asyncio.get_running_loop()
-    task = _routers.get(loop)
-    if task is None or task.done():
-        _routers[loop] = loop.create_task(_route(layer, f"specific.{prefix}!{ROUTER}"))
+    router = _routers.get(loop)
+    if router is None:
+        router = _routers[loop] = _Router()
+    router.acquire(layer, f"specific.{prefix}!{ROUTER}")
+    return True
+
+
+def stop_router() -> None:
+    """
+    A socket that started the router ended: the last one of the loop stops it.
+    """
+    router = _routers.get(asyncio.get_running_loop())
+    if router is not None:
+        router.release()
+
+
+def router_running() -> bool:
+    """
+    Whether this event loop's router of batched events is running (for tests and checks).
+    """
+    router = _routers.get(asyncio.get_running_loop())
+    return router is not None and router.task is not None and not router.task.done()
 
 
 async def _route(layer, name: str) -> None:
@@ -328,6 +371,11 @@ async def _route(layer, name: str) -> None:
         try:
             message = await layer.receive(name)
         except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancellation that a library under the receive turned into an error (a
+                # timeout, a connection error): it still ends the router.
+                raise asyncio.CancelledError from exc
             # Redis away: the sockets' own receives fail too and their tabs reconnect.
             logger.warning("batched events of this process unavailable: %r", exc)
             await asyncio.sleep(1.0)

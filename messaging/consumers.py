@@ -177,6 +177,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     _flushing: asyncio.Task | None = None  # a catch-up started by a poke (_flush_soon)
     _flush_again = False
     _queue: asyncio.Queue | None = None  # the socket's queue of messages, when _dispatch_all runs
+    _holds_router = False  # counted as an owner of this loop's router (push.start_router)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -199,8 +200,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         await self.accept()
         self._direct = frames.writer_for(self.base_send)
         frames.install_reader(self.base_send)
-        # This process's receiver of batched pokes runs before any can be addressed to it.
-        push.start_router()
+        # This process's receiver of batched pokes runs before any can be addressed to it, and
+        # for as long as this socket lives (stopped in __call__'s finally, with the last one).
+        self._holds_router = push.start_router()
         self.user = self.scope.get("user")
         try:
             client_services.require_user(self.user)
@@ -286,6 +288,9 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                 await super().__call__(scope, receive, send)
         finally:
             self._stop_taking_pokes()
+            if self._holds_router:
+                self._holds_router = False
+                push.stop_router()
             if self.attached:
                 # The consumer died without a disconnect (its channel layer failed under it,
                 # and daphne closes the socket with 1011): free the client all the same, or it

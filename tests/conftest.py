@@ -21,6 +21,8 @@ from django.test import Client as HttpClient
 from chatproject.asgi import application
 from messaging.services import send_rate
 
+pytest_plugins = ["tests.hangs"]
+
 # In-process tests close the database connection after every call: a connection kept by a
 # thread of channels' executor would block dropping the test database.
 django_settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
