@@ -420,3 +420,49 @@ def test_a_closed_tab_is_forgotten_after_the_grace_period_but_a_reload_keeps_it(
         assert time.monotonic() - closed_at < CLOSE_GRACE + 10, "closed client never deleted"
         time.sleep(0.25)
     assert time.monotonic() - closed_at >= CLOSE_GRACE - 0.5
+
+
+def post_messages(server: Server, user: str, to: dict, texts: list[str]) -> None:
+    """Send `texts` to `to` as `user` over the HTTP API, from a client registered for it."""
+    session = Session(server.base_url)
+    session.login(user, USERS[user])
+    status, created = session.request("POST", "/api/clients/")
+    assert status == 201
+    for n, text in enumerate(texts):
+        status, _ = session.request(
+            "POST",
+            "/api/messages/",
+            {
+                "client_id": created["client_id"],
+                "client_msg_id": str(n),
+                "to": to,
+                "body": {"text": text},
+            },
+        )
+        assert status == 201, status
+
+
+def test_a_busy_room_scrolls_its_message_list_not_the_page(tabs, server):
+    """With 100 messages in a room, the page itself does not scroll: the message box and the
+    newest message are inside the window."""
+    make_room(server, "busy")
+    texts = [f"busy {n:03d}" for n in range(1, 101)]
+    post_messages(server, "alice", {"room": "busy"}, texts)
+    page = tabs.open(tabs.context("alice"), "busy")
+    expect_shown(page, texts)
+    geometry = page.evaluate(
+        """() => {
+            const box = (el) => { const r = el.getBoundingClientRect(); return [r.top, r.bottom]; };
+            const rows = document.querySelectorAll('#messages .msg');
+            return {
+                page: document.scrollingElement.scrollHeight,
+                window: window.innerHeight,
+                composer: box(document.getElementById('composer-input')),
+                newest: box(rows[rows.length - 1]),
+            };
+        }"""
+    )
+    height = geometry["window"]
+    assert geometry["page"] <= height, geometry
+    for top, bottom in (geometry["composer"], geometry["newest"]):
+        assert 0 <= top and bottom <= height, geometry
