@@ -143,9 +143,12 @@ def client_detail(request: HttpRequest, client_id: str) -> HttpResponse:
 @api("POST")
 def client_close(request: HttpRequest, client_id: str) -> HttpResponse:
     """
-    POST /api/clients/{id}/close: the tab is probably closing (sendBeacon on pagehide).
+    POST /api/clients/{id}/close?conn=N: the tab is probably closing (sendBeacon on pagehide);
+    `conn` is the page's last connection attempt, so a late beacon cannot close a newer socket.
     """
-    client_services.mark_closing(request.user, client_id)
+    raw_conn = request.GET.get("conn")
+    attempt = None if raw_conn is None else validation.int_param(raw_conn, "conn", default=0)
+    client_services.mark_closing(request.user, client_id, attempt)
     return HttpResponse(status=204)
 
 

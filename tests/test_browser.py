@@ -466,3 +466,44 @@ def test_a_busy_room_scrolls_its_message_list_not_the_page(tabs, server):
     assert geometry["page"] <= height, geometry
     for top, bottom in (geometry["composer"], geometry["newest"]):
         assert 0 <= top and bottom <= height, geometry
+
+
+def test_a_close_beacon_that_arrives_after_the_reload_does_not_close_the_reloaded_tab(
+    tabs, server
+):
+    """The old page's close beacon, held back until the reloaded page is online, does not mark
+    the client: a network cut longer than the grace period later does not delete it."""
+    make_room(server, "late-beacon")
+    context = tabs.context("alice")
+    # Hold every beacon back (keep its URL) so the test can deliver it late.
+    context.add_init_script(
+        """navigator.sendBeacon = (url) => {
+            sessionStorage.setItem('test:beacons', JSON.stringify(
+                [...JSON.parse(sessionStorage.getItem('test:beacons') || '[]'), String(url)]));
+            return true;
+        };"""
+    )
+    network = Network(context)
+    page = tabs.open(context, "late-beacon")
+    cid = client_id(page)
+    page.reload()
+    wait_online(page)
+    status = page.evaluate(
+        """async () => {
+            const [url] = JSON.parse(sessionStorage.getItem('test:beacons'));
+            const form = new FormData();
+            form.append('csrfmiddlewaretoken', document.cookie.match(/csrftoken=([^;]+)/)[1]);
+            return (await fetch(url, {method: 'POST', body: form})).status;
+        }"""
+    )
+    assert status == 204
+
+    network.cut()
+    page.wait_for_function("window.relay.state !== 'online'")
+    session = Session(server.base_url)
+    session.login("alice", USERS["alice"])
+    time.sleep(CLOSE_GRACE + 2 * CLEANUP_EVERY + 1)
+    assert client_exists(session, cid)
+    network.restore()
+    wait_online(page)
+    assert client_id(page) == cid

@@ -633,7 +633,13 @@ export class RelayClient {
     this.hidden = true;
     const form = new FormData();
     form.append("csrfmiddlewaretoken", csrfToken());
-    navigator.sendBeacon(`${this.options.baseUrl}/api/clients/${this.clientId}/close`, form);
+    // The beacon names this page's last connection attempt: if it reaches the server after
+    // the reloaded page's socket (a higher attempt) attached, the server ignores it.
+    const conn = Number(this._load("conn", 0));
+    navigator.sendBeacon(
+      `${this.options.baseUrl}/api/clients/${this.clientId}/close?conn=${conn}`,
+      form,
+    );
     this._closeSocket();
   }
 
