@@ -468,9 +468,7 @@ def test_a_busy_room_scrolls_its_message_list_not_the_page(tabs, server):
         assert 0 <= top and bottom <= height, geometry
 
 
-def test_a_close_beacon_that_arrives_after_the_reload_does_not_close_the_reloaded_tab(
-    tabs, server
-):
+def test_a_close_beacon_that_arrives_after_the_reload_does_not_close_the_reloaded_tab(tabs, server):
     """The old page's close beacon, held back until the reloaded page is online, does not mark
     the client: a network cut longer than the grace period later does not delete it."""
     make_room(server, "late-beacon")

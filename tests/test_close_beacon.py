@@ -52,9 +52,7 @@ def test_the_beacon_of_the_current_page_still_closes_the_client(alice, settings)
     client_services.detach(cid, "specific.new!chan")
     closing_at = Client.objects.get(pk=cid).closing_at
     assert closing_at is not None
-    assert cleanup_clients(now=closing_at + timedelta(seconds=GRACE + 1)).closed == [
-        uuid.UUID(cid)
-    ]
+    assert cleanup_clients(now=closing_at + timedelta(seconds=GRACE + 1)).closed == [uuid.UUID(cid)]
 
 
 @pytest.mark.parametrize("conn", ["-1", "x", "1.5", "9" * 20])
