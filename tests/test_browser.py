@@ -32,8 +32,9 @@ CHROMIUM_ARGS = [
 ]
 CLOSE_GRACE = 3  # seconds a closing client has to come back (CLIENTS_CLOSE_GRACE)
 CLEANUP_EVERY = 1  # seconds between cleanup runs (CLIENTS_CLEANUP_INTERVAL)
+QUEUE_LIMIT = 30  # deliveries a client may hold (MESSAGING_QUEUE_LIMIT), small to fill fast
 WAIT_MS = 20_000
-USERS = {"alice": "alice-pass-1", "bob": "bob-pass-1"}
+USERS = {"alice": "alice-pass-1", "bob": "bob-pass-1", "carol": "carol-pass-1"}
 
 
 def _require_chromium() -> None:
@@ -53,7 +54,8 @@ def _flush_channel_layer() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    """One daphne serving its own static files, with a short close grace and frequent cleanup."""
+    """One daphne serving its own static files, with a short close grace, frequent cleanup and
+    a small queue bound."""
     _require_chromium()
     deployment = Deployment(
         tmp_path_factory.mktemp("browser"),
@@ -61,6 +63,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         CLIENTS_CLOSE_GRACE=str(CLOSE_GRACE),
         CLIENTS_CLEANUP_INTERVAL=str(CLEANUP_EVERY),
         CLIENTS_HEARTBEAT_INTERVAL="1",
+        MESSAGING_QUEUE_LIMIT=str(QUEUE_LIMIT),
     )
     try:
         deployment.manage(
@@ -505,3 +508,50 @@ def test_a_close_beacon_that_arrives_after_the_reload_does_not_close_the_reloade
     network.restore()
     wait_online(page)
     assert client_id(page) == cid
+
+
+def test_a_direct_message_past_a_full_queue_is_shown_after_the_resync(tabs, server):
+    """bob fills alice's offline tab's queue past the bound with direct messages; carol's
+    direct message then goes to no queue. Back online, the tab is told to resync and shows
+    carol's message and every one of bob's, from the direct-message history."""
+    make_room(server, "flooded")
+    context = tabs.context("alice")
+    network = Network(context)
+    page = tabs.open(context, "flooded")
+    network.cut()
+    page.wait_for_function("window.relay.state !== 'online'")
+    flood = [f"flood {n:02d}" for n in range(QUEUE_LIMIT + 5)]
+    post_messages(server, "bob", {"user": "alice"}, flood)
+    post_messages(server, "carol", {"user": "alice"}, ["past the full queue"])
+
+    network.restore()
+    wait_online(page)
+    page.click("#directs a[data-key='@carol']")
+    page.wait_for_selector("#room-title:has-text('carol')")
+    expect_shown(page, ["past the full queue"])
+    page.click("#directs a[data-key='@bob']")
+    expect_shown(page, flood)
+    assert page.evaluate("window.relay.lastSeq") == QUEUE_LIMIT
+
+
+def test_a_reload_without_the_server_shows_the_cached_room_and_the_outbox_at_once(tabs, server):
+    """A tab reloaded while every API call and socket fails still shows its room, the message
+    typed offline (pending) and an enabled message box, without waiting for the server."""
+    make_room(server, "cached", "bob")
+    type_message(tabs.open(tabs.context("bob"), "cached"), "from before")
+    context = tabs.context("alice")
+    network = Network(context)
+    page = tabs.open(context, "cached")
+    expect_shown(page, ["from before"])
+
+    network.cut()
+    page.wait_for_function("window.relay.state !== 'online'")
+    type_message(page, "typed offline")
+    context.route("**/api/**", lambda route: route.abort())
+    context.set_offline(False)  # the page itself and its scripts still load
+    page.reload()
+    page.wait_for_selector("#messages .msg.pending:has-text('typed offline')", timeout=3000)
+    assert page.text_content("#room-title") == "# cached"
+    assert page.is_enabled("#composer-input")
+    expect_shown(page, ["from before", "typed offline"], timeout=1)
+    assert page.evaluate("window.relay.state") != "online"

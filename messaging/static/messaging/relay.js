@@ -146,6 +146,24 @@ export class RelayClient {
     return this.outbox.map((entry) => ({ ...entry }));
   }
 
+  /**
+   * The history of a conversation, newest last: `to` is {room} or {user} (the direct messages
+   * between this user and that one). What a resync may have skipped is here.
+   */
+  async history(to, { before, limit = 100 } = {}) {
+    const path = to.room !== undefined
+      ? `/api/rooms/${encodeURIComponent(to.room)}/messages`
+      : `/api/direct/${encodeURIComponent(to.user)}/messages`;
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (before !== undefined) query.set("before", String(before));
+    return (await this.request("GET", `${path}?${query}`)).messages;
+  }
+
+  /** The users this user has direct messages with, newest first: [{user, last_id}]. */
+  async conversations({ limit = 100 } = {}) {
+    return (await this.request("GET", `/api/direct/?limit=${limit}`)).conversations;
+  }
+
   /** GET/POST a protocol URL as JSON with the CSRF header; throws HttpError on a non-2xx answer. */
   async request(method, path, body) {
     const headers = { Accept: "application/json" };
