@@ -179,15 +179,24 @@ def detach(client_id: uuid.UUID | str, channel_name: str) -> bool:
     return bool(updated)
 
 
-def mark_closing(user: AnyUser | None, client_id: object) -> None:
+def mark_closing(user: AnyUser | None, client_id: object, attempt: int | None = None) -> bool:
     """
     The tab is probably closing (pagehide): delete it after the grace period unless it
-    connects again.
+    connects again. `attempt` is the connection attempt of the page that sent the beacon: a
+    beacon that arrives after a newer attempt attached (the reloaded page) is ignored. Returns
+    whether the client was marked.
     """
     client = get_own_client(user, client_id)
-    Client.objects.filter(pk=client.pk).update(
-        closing_at=timezone.now(), last_seen_at=timezone.now()
-    )
+    now = timezone.now()
+    rows = Client.objects.filter(pk=client.pk)
+    if attempt is not None:
+        # Decided in the UPDATE itself, against attach's row lock: a beacon must never outlive
+        # the socket that follows it, or a later disconnect would delete a live tab's queue.
+        rows = rows.filter(last_attempt__lte=attempt)
+    marked = bool(rows.update(closing_at=now, last_seen_at=now))
+    if not marked:
+        logger.info("stale close beacon of client %s (attempt %s) ignored", client.pk, attempt)
+    return marked
 
 
 def delete_client(user: AnyUser | None, client_id: object) -> None:

@@ -72,7 +72,16 @@ class Message(models.Model):
                 name="message_one_target",
             ),
         ]
-        indexes = [models.Index(fields=["room", "id"], name="message_room_id_idx")]
+        indexes = [
+            models.Index(fields=["room", "id"], name="message_room_id_idx"),
+            # Direct-message history: one direction of a conversation, newest first. Partial:
+            # room messages (most of them) cost a send nothing here.
+            models.Index(
+                fields=["to_user", "sender", "id"],
+                name="message_direct_idx",
+                condition=models.Q(to_user__isnull=False),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.client_msg_id}"

@@ -15,5 +15,7 @@ urlpatterns = [
     path("rooms/<str:name>/join", views.room_join),
     path("rooms/<str:name>/leave", views.room_leave),
     path("rooms/<str:name>/messages", views.room_messages),
+    path("direct/", views.direct_collection),
+    path("direct/<str:name>/messages", views.direct_messages),
     re_path(r"^.*$", views.not_found),
 ]

@@ -20,7 +20,7 @@ from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
 
 from clients import services as client_services
 from clients.errors import Malformed, ServiceError, TooLarge
-from messaging import conf, services, validation
+from messaging import conf, direct, services, validation
 from messaging.wire import deliveries_json, messages_json, parse_json
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,12 @@ def client_detail(request: HttpRequest, client_id: str) -> HttpResponse:
 @api("POST")
 def client_close(request: HttpRequest, client_id: str) -> HttpResponse:
     """
-    POST /api/clients/{id}/close: the tab is probably closing (sendBeacon on pagehide).
+    POST /api/clients/{id}/close?conn=N: the tab is probably closing (sendBeacon on pagehide);
+    `conn` is the page's last connection attempt, so a late beacon cannot close a newer socket.
     """
-    client_services.mark_closing(request.user, client_id)
+    raw_conn = request.GET.get("conn")
+    attempt = None if raw_conn is None else validation.int_param(raw_conn, "conn", default=0)
+    client_services.mark_closing(request.user, client_id, attempt)
     return HttpResponse(status=204)
 
 
@@ -232,6 +235,31 @@ def room_messages(request: HttpRequest, name: str) -> HttpResponse:
     before = None if raw_before is None else validation.int_param(raw_before, "before", default=0)
     limit = validation.limit_param(request.GET.get("limit"))
     return _json_text(messages_json(services.room_history(request.user, name, before, limit)))
+
+
+def _before_param(request: HttpRequest) -> int | None:
+    raw = request.GET.get("before")
+    return None if raw is None else validation.int_param(raw, "before", default=0)
+
+
+@api("GET")
+def direct_collection(request: HttpRequest) -> HttpResponse:
+    """
+    GET /api/direct/?limit=L: the users the caller has direct messages with, newest first.
+    """
+    limit = validation.limit_param(request.GET.get("limit"))
+    return JsonResponse({"conversations": direct.conversations(request.user, limit)})
+
+
+@api("GET")
+def direct_messages(request: HttpRequest, name: str) -> HttpResponse:
+    """
+    GET /api/direct/{name}/messages?before=ID&limit=L: the caller's direct messages with
+    {name}, both ways, newest last.
+    """
+    limit = validation.limit_param(request.GET.get("limit"))
+    rows = direct.direct_history(request.user, name, _before_param(request), limit)
+    return _json_text(messages_json(rows))
 
 
 # -- edges -------------------------------------------------------------------------------------

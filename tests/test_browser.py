@@ -32,8 +32,9 @@ CHROMIUM_ARGS = [
 ]
 CLOSE_GRACE = 3  # seconds a closing client has to come back (CLIENTS_CLOSE_GRACE)
 CLEANUP_EVERY = 1  # seconds between cleanup runs (CLIENTS_CLEANUP_INTERVAL)
+QUEUE_LIMIT = 30  # deliveries a client may hold (MESSAGING_QUEUE_LIMIT), small to fill fast
 WAIT_MS = 20_000
-USERS = {"alice": "alice-pass-1", "bob": "bob-pass-1"}
+USERS = {"alice": "alice-pass-1", "bob": "bob-pass-1", "carol": "carol-pass-1"}
 
 
 def _require_chromium() -> None:
@@ -53,7 +54,8 @@ def _flush_channel_layer() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    """One daphne serving its own static files, with a short close grace and frequent cleanup."""
+    """One daphne serving its own static files, with a short close grace, frequent cleanup and
+    a small queue bound."""
     _require_chromium()
     deployment = Deployment(
         tmp_path_factory.mktemp("browser"),
@@ -61,6 +63,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         CLIENTS_CLOSE_GRACE=str(CLOSE_GRACE),
         CLIENTS_CLEANUP_INTERVAL=str(CLEANUP_EVERY),
         CLIENTS_HEARTBEAT_INTERVAL="1",
+        MESSAGING_QUEUE_LIMIT=str(QUEUE_LIMIT),
     )
     try:
         deployment.manage(
@@ -420,3 +423,131 @@ def test_a_closed_tab_is_forgotten_after_the_grace_period_but_a_reload_keeps_it(
         assert time.monotonic() - closed_at < CLOSE_GRACE + 10, "closed client never deleted"
         time.sleep(0.25)
     assert time.monotonic() - closed_at >= CLOSE_GRACE - 0.5
+
+
+def post_messages(server: Server, user: str, to: dict, texts: list[str]) -> None:
+    """Send `texts` to `to` as `user` over the HTTP API, from a client registered for it."""
+    session = Session(server.base_url)
+    session.login(user, USERS[user])
+    status, created = session.request("POST", "/api/clients/")
+    assert status == 201
+    for n, text in enumerate(texts):
+        send = {"client_id": created["client_id"], "client_msg_id": str(n), "to": to}
+        for _ in range(100):
+            status, _ = session.request("POST", "/api/messages/", {**send, "body": {"text": text}})
+            if status != 429:
+                break
+            time.sleep(0.2)  # rate limited: the same client_msg_id again is stored once
+        assert status in (200, 201), status
+
+
+def test_a_busy_room_scrolls_its_message_list_not_the_page(tabs, server):
+    """With 100 messages in a room, the page itself does not scroll: the message box and the
+    newest message are inside the window."""
+    make_room(server, "busy")
+    texts = [f"busy {n:03d}" for n in range(1, 101)]
+    post_messages(server, "alice", {"room": "busy"}, texts)
+    page = tabs.open(tabs.context("alice"), "busy")
+    expect_shown(page, texts)
+    geometry = page.evaluate(
+        """() => {
+            const box = (el) => { const r = el.getBoundingClientRect(); return [r.top, r.bottom]; };
+            const rows = document.querySelectorAll('#messages .msg');
+            return {
+                page: document.scrollingElement.scrollHeight,
+                window: window.innerHeight,
+                composer: box(document.getElementById('composer-input')),
+                newest: box(rows[rows.length - 1]),
+            };
+        }"""
+    )
+    height = geometry["window"]
+    assert geometry["page"] <= height, geometry
+    for top, bottom in (geometry["composer"], geometry["newest"]):
+        assert 0 <= top and bottom <= height, geometry
+
+
+def test_a_close_beacon_that_arrives_after_the_reload_does_not_close_the_reloaded_tab(tabs, server):
+    """The old page's close beacon, held back until the reloaded page is online, does not mark
+    the client: a network cut longer than the grace period later does not delete it."""
+    make_room(server, "late-beacon")
+    context = tabs.context("alice")
+    # Hold every beacon back (keep its URL) so the test can deliver it late.
+    context.add_init_script(
+        """navigator.sendBeacon = (url) => {
+            sessionStorage.setItem('test:beacons', JSON.stringify(
+                [...JSON.parse(sessionStorage.getItem('test:beacons') || '[]'), String(url)]));
+            return true;
+        };"""
+    )
+    network = Network(context)
+    page = tabs.open(context, "late-beacon")
+    cid = client_id(page)
+    page.reload()
+    wait_online(page)
+    status = page.evaluate(
+        """async () => {
+            const [url] = JSON.parse(sessionStorage.getItem('test:beacons'));
+            const form = new FormData();
+            form.append('csrfmiddlewaretoken', document.cookie.match(/csrftoken=([^;]+)/)[1]);
+            return (await fetch(url, {method: 'POST', body: form})).status;
+        }"""
+    )
+    assert status == 204
+
+    network.cut()
+    page.wait_for_function("window.relay.state !== 'online'")
+    session = Session(server.base_url)
+    session.login("alice", USERS["alice"])
+    time.sleep(CLOSE_GRACE + 2 * CLEANUP_EVERY + 1)
+    assert client_exists(session, cid)
+    network.restore()
+    wait_online(page)
+    assert client_id(page) == cid
+
+
+def test_a_direct_message_past_a_full_queue_is_shown_after_the_resync(tabs, server):
+    """bob fills alice's offline tab's queue past the bound with direct messages; carol's
+    direct message then goes to no queue. Back online, the tab is told to resync and shows
+    carol's message and every one of bob's, from the direct-message history."""
+    make_room(server, "flooded")
+    context = tabs.context("alice")
+    network = Network(context)
+    page = tabs.open(context, "flooded")
+    network.cut()
+    page.wait_for_function("window.relay.state !== 'online'")
+    flood = [f"flood {n:02d}" for n in range(QUEUE_LIMIT + 5)]
+    post_messages(server, "bob", {"user": "alice"}, flood)
+    post_messages(server, "carol", {"user": "alice"}, ["past the full queue"])
+
+    network.restore()
+    wait_online(page)
+    page.click("#directs a[data-key='@carol']")
+    page.wait_for_selector("#room-title:has-text('carol')")
+    expect_shown(page, ["past the full queue"])
+    page.click("#directs a[data-key='@bob']")
+    expect_shown(page, flood)
+    assert page.evaluate("window.relay.lastSeq") == QUEUE_LIMIT
+
+
+def test_a_reload_without_the_server_shows_the_cached_room_and_the_outbox_at_once(tabs, server):
+    """A tab reloaded while every API call and socket fails still shows its room, the message
+    typed offline (pending) and an enabled message box, without waiting for the server."""
+    make_room(server, "cached", "bob")
+    type_message(tabs.open(tabs.context("bob"), "cached"), "from before")
+    context = tabs.context("alice")
+    network = Network(context)
+    page = tabs.open(context, "cached")
+    expect_shown(page, ["from before"])
+
+    network.cut()
+    page.wait_for_function("window.relay.state !== 'online'")
+    type_message(page, "typed offline")
+    context.route("**/api/**", lambda route: route.abort())
+    context.set_offline(False)  # the page itself and its scripts still load
+    page.reload()
+    page.wait_for_selector("#messages .msg.pending:has-text('typed offline')", timeout=3000)
+    assert page.text_content("#room-title") == "# cached"
+    assert page.is_enabled("#composer-input")
+    expect_shown(page, ["from before", "typed offline"], timeout=1)
+    assert page.evaluate("window.relay.state") != "online"

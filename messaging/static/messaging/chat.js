@@ -1,5 +1,6 @@
-// The chat page: rooms, history over HTTP, live messages over RelayClient, pending/sent marks,
-// connection state, presence and typing. Text is only ever rendered with textContent.
+// The chat page: rooms and direct messages, history over HTTP, live messages over RelayClient,
+// pending/sent marks, connection state, presence and typing. Text is only ever rendered with
+// textContent.
 
 import { HttpError, RelayClient } from "./relay.js";
 
@@ -15,9 +16,14 @@ const STATE_LABELS = {
 const TYPING_SHOWN_MS = 4000;
 const TYPING_SEND_EVERY_MS = 2500;
 const GROUP_WITHIN_MS = 5 * 60 * 1000;
+const CACHE_KEY = "chat:cache"; // sessionStorage: what an offline reload draws at once
+const CACHED_MESSAGES = 50;
 
 const relay = new RelayClient();
-const rooms = new Map(); // name -> {name, members, messages: Map(id -> message), loaded, unread}
+// Conversations: a room under its name, the direct messages with a user under "@" + the user's
+// name (room names cannot start with "@"). Each is {name: key, kind: "room" | "user", peer,
+// members, messages: Map(id -> message), loaded, unread, cached}.
+const rooms = new Map();
 const pending = new Map(); // client_msg_id -> outbox entry (with .failed when refused)
 const online = new Set(); // other users online (presence frames)
 const typers = new Map(); // room -> Map(user -> shown until)
@@ -30,20 +36,56 @@ window.chat = { received: [], rooms, pending, online };
 
 // -- the store ------------------------------------------------------------------------------------
 
-function room(name) {
-  if (!rooms.has(name)) {
-    rooms.set(name, { name, members: [], messages: new Map(), loaded: false, unread: 0 });
+function directKey(user) {
+  return `@${user}`;
+}
+
+/** The conversation of a message to `to` from `from` (a user name). */
+function keyOf(to, from) {
+  if (to.room !== undefined) return to.room;
+  return directKey(from && from !== me ? from : to.user);
+}
+
+function room(key) {
+  if (!rooms.has(key)) {
+    const peer = key.startsWith("@") ? key.slice(1) : null;
+    rooms.set(key, {
+      name: key,
+      kind: peer === null ? "room" : "user",
+      peer,
+      members: peer === null ? [] : [...new Set([me, peer])],
+      messages: new Map(),
+      loaded: false,
+      unread: 0,
+      cached: false,
+    });
   }
-  return rooms.get(name);
+  return rooms.get(key);
+}
+
+/** The `to` of a message sent to conversation `key`. */
+function targetOf(key) {
+  const conversation = room(key);
+  return conversation.kind === "room" ? { room: conversation.name } : { user: conversation.peer };
+}
+
+function titleOf(key) {
+  const conversation = room(key);
+  return conversation.kind === "room" ? `# ${conversation.name}` : `@ ${conversation.peer}`;
 }
 
 function upsert(message) {
-  const name = message.to?.room;
-  if (!name) return false; // direct messages are not shown on this page
-  const target = room(name);
+  if (!message.to) return false;
+  const target = room(keyOf(message.to, message.from?.user));
   const known = target.messages.has(message.id);
   target.messages.set(message.id, message);
   return !known;
+}
+
+function newestId(conversation) {
+  let newest = 0;
+  for (const id of conversation.messages.keys()) newest = Math.max(newest, id);
+  return newest;
 }
 
 function textOf(body) {
@@ -97,7 +139,7 @@ function renderMessages() {
     mark: m.from.user === me ? "sent" : null,
   }));
   for (const entry of pending.values()) {
-    if (entry.to.room !== current) continue;
+    if (keyOf(entry.to, me) !== current) continue;
     items.push({
       cmid: entry.client_msg_id,
       user: me,
@@ -109,7 +151,7 @@ function renderMessages() {
   if (items.length === 0) {
     const empty = document.createElement("div");
     empty.className = "empty";
-    empty.textContent = `No messages in #${current} yet. Say hello!`;
+    empty.textContent = `No messages in ${titleOf(current)} yet. Say hello!`;
     list.append(empty);
   }
   let previous = null;
@@ -172,25 +214,32 @@ function renderMessages() {
 }
 
 function renderRooms() {
-  const list = $("rooms");
-  list.replaceChildren();
-  for (const r of [...rooms.values()].sort((a, b) => a.name.localeCompare(b.name))) {
-    const item = document.createElement("li");
-    const link = document.createElement("a");
-    link.href = `#${encodeURIComponent(r.name)}`;
-    link.className = "room-link";
-    if (r.name === current) link.classList.add("active");
-    const label = document.createElement("span");
-    label.textContent = `# ${r.name}`;
-    link.append(label);
-    if (r.unread && r.name !== current) {
-      const badge = document.createElement("span");
-      badge.className = "badge";
-      badge.textContent = String(r.unread);
-      link.append(badge);
+  for (const [listId, kind] of [
+    ["rooms", "room"],
+    ["directs", "user"],
+  ]) {
+    const list = $(listId);
+    list.replaceChildren();
+    const shown = [...rooms.values()].filter((r) => r.kind === kind);
+    for (const r of shown.sort((a, b) => a.name.localeCompare(b.name))) {
+      const item = document.createElement("li");
+      const link = document.createElement("a");
+      link.href = `#${encodeURIComponent(r.name)}`;
+      link.className = "room-link";
+      link.dataset.key = r.name;
+      if (r.name === current) link.classList.add("active");
+      const label = document.createElement("span");
+      label.textContent = titleOf(r.name);
+      link.append(label);
+      if (r.unread && r.name !== current) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = String(r.unread);
+        link.append(badge);
+      }
+      item.append(link);
+      list.append(item);
     }
-    item.append(link);
-    list.append(item);
   }
 }
 
@@ -220,13 +269,16 @@ function renderPeople() {
 }
 
 function renderHeader() {
-  $("room-title").textContent = current ? `# ${current}` : "No room yet";
+  $("room-title").textContent = current ? titleOf(current) : "No room yet";
   const members = current ? room(current).members.length : 0;
-  $("room-sub").textContent = current ? `${members} member${members === 1 ? "" : "s"}` : "";
+  let sub = "";
+  if (current && room(current).kind === "user") sub = "Direct messages";
+  else if (current) sub = `${members} member${members === 1 ? "" : "s"}`;
+  $("room-sub").textContent = sub;
   const input = $("composer-input");
   input.disabled = !current;
   $("composer-send").disabled = !current;
-  input.placeholder = current ? `Message #${current}` : "Pick a room first";
+  input.placeholder = current ? `Message ${titleOf(current)}` : "Pick a room first";
   const count = relay.pending().length;
   const badge = $("outbox-count");
   badge.hidden = count === 0;
@@ -286,40 +338,123 @@ async function withRetry(task) {
 
 async function loadRooms() {
   const answer = await withRetry(() => relay.request("GET", "/api/rooms/"));
-  for (const r of answer.rooms) room(r.name).members = r.members;
+  const names = new Set(answer.rooms.map((r) => r.name));
+  for (const [key, r] of rooms) {
+    // A cached room this user is no longer in (left from another tab).
+    if (r.kind === "room" && r.cached && !names.has(key)) rooms.delete(key);
+  }
+  for (const r of answer.rooms) {
+    room(r.name).members = r.members;
+    room(r.name).cached = false;
+  }
 }
 
-const historyLoads = new Map(); // room -> in-flight load, so two callers share one request
+/** Load the list of direct conversations; returns those with messages this page lacks. */
+async function loadDirects() {
+  const listed = await withRetry(() => relay.conversations());
+  const behind = [];
+  for (const { user, last_id: lastId } of listed) {
+    const conversation = room(directKey(user));
+    conversation.cached = false;
+    if (lastId > newestId(conversation)) behind.push(conversation);
+  }
+  return behind;
+}
 
-function loadHistory(name) {
-  if (!historyLoads.has(name)) {
+const historyLoads = new Map(); // conversation -> in-flight load, so two callers share one request
+
+function loadHistory(key, options = {}) {
+  if (!historyLoads.has(key)) {
     historyLoads.set(
-      name,
-      fetchHistory(name).finally(() => historyLoads.delete(name)),
+      key,
+      fetchHistory(key, options).finally(() => historyLoads.delete(key)),
     );
   }
-  return historyLoads.get(name);
+  return historyLoads.get(key);
 }
 
-async function fetchHistory(name) {
-  const answer = await withRetry(() =>
-    relay.request("GET", `/api/rooms/${encodeURIComponent(name)}/messages?limit=100`),
-  );
-  const target = room(name);
-  for (const message of answer.messages) upsert(message);
+async function fetchHistory(key, { unread = false } = {}) {
+  // `unread`: a reload after a resync, whose new messages from others the page has not shown.
+  const messages = await withRetry(() => relay.history(targetOf(key), { limit: 100 }));
+  const target = room(key);
+  let fresh = 0;
+  for (const message of messages) {
+    if (upsert(message) && message.from.user !== me) fresh += 1;
+  }
   target.loaded = true;
-  if (name === current) renderMessages();
+  if (key === current) {
+    renderMessages();
+  } else if (unread && fresh) {
+    target.unread += fresh;
+    renderRooms();
+  }
 }
 
-async function select(name) {
-  if (!name || !rooms.has(name)) return;
-  current = name;
-  room(name).unread = 0;
+async function select(key) {
+  if (!key || !rooms.has(key)) return;
+  current = key;
+  room(key).unread = 0;
   render();
-  if (!room(name).loaded) await loadHistory(name);
+  saveCache();
+  if (!room(key).loaded) await loadHistory(key);
+}
+
+async function openDirect(user) {
+  // The history answers 404 unknown_user for a user who does not exist.
+  const key = directKey(user);
+  const known = rooms.has(key);
+  try {
+    await loadHistory(key);
+  } catch (error) {
+    if (!known) rooms.delete(key);
+    throw error;
+  }
+  window.location.hash = encodeURIComponent(key); // hashchange selects it
+}
+
+// -- the offline cache ----------------------------------------------------------------------------
+
+function saveCache() {
+  // The conversations and the newest messages of the current one, so that a reload without
+  // the server (offline) draws them, and the outbox, at once.
+  const shown = current
+    ? [...room(current).messages.values()].sort((a, b) => a.id - b.id).slice(-CACHED_MESSAGES)
+    : [];
+  const cache = {
+    me,
+    current,
+    conversations: [...rooms.values()].map((r) => ({ key: r.name, members: r.members })),
+    messages: shown,
+  };
+  try {
+    sessionStorage.setItem(CACHE_KEY, JSON.stringify(cache));
+  } catch {
+    // storage full or disabled: a reload just waits for the server
+  }
+}
+
+function restoreCache() {
+  let cache = null;
+  try {
+    cache = JSON.parse(sessionStorage.getItem(CACHE_KEY) ?? "null");
+  } catch {
+    cache = null;
+  }
+  if (!cache || cache.me !== me) return null;
+  for (const { key, members } of cache.conversations ?? []) {
+    const conversation = room(key);
+    conversation.members = members;
+    conversation.cached = true;
+  }
+  for (const message of cache.messages ?? []) upsert(message);
+  return cache.current;
 }
 
 async function joinOrCreate(name) {
+  if (name.startsWith("@")) {
+    await openDirect(name.slice(1));
+    return;
+  }
   const path = `/api/rooms/${encodeURIComponent(name)}/join`;
   let answer;
   try {
@@ -347,12 +482,14 @@ relay.on("state", ({ state, previous }) => {
 
 relay.on("message", (message) => {
   window.chat.received.push(message.id);
-  const name = message.to?.room;
-  if (!name) return;
+  if (!message.to) return;
+  const name = keyOf(message.to, message.from.user);
   const isNew = upsert(message);
   const target = room(name);
   if (isNew && name !== current && message.from.user !== me) target.unread += 1;
-  if (!target.members.includes(message.from.user)) target.members.push(message.from.user);
+  if (target.kind === "room" && !target.members.includes(message.from.user)) {
+    target.members.push(message.from.user);
+  }
   if (name === current) {
     // Someone who sent a message has stopped typing.
     typers.get(name)?.delete(message.from.user);
@@ -373,7 +510,7 @@ relay.on("sent", (entry) => {
   pending.delete(entry.client_msg_id);
   // The delivery of this message to this tab may come before or after this answer; by id
   // they are one message.
-  if (entry.to.room && !room(entry.to.room).messages.has(entry.id)) {
+  if (!room(keyOf(entry.to, me)).messages.has(entry.id)) {
     upsert({
       id: entry.id,
       from: { user: me, client_id: entry.client_id },
@@ -404,9 +541,21 @@ relay.on("typing", ({ room: name, user }) => {
   if (name === current) renderTyping();
 });
 
-relay.on("resync", () => {
-  // This tab's queue may not hold everything (a new client, a queue limit): reload history.
-  for (const r of rooms.values()) if (r.loaded) loadHistory(r.name);
+relay.on("resync", async () => {
+  // This tab's queue may not hold everything (a new client, a queue limit): reload the history
+  // of every conversation shown so far, and of every direct conversation with newer messages
+  // (a direct message sent while the queue was full is only in the history).
+  const reload = (key) =>
+    loadHistory(key, { unread: true }).catch((error) => {
+      console.warn(`chat: could not reload the history of ${key}`, error);
+    });
+  for (const r of rooms.values()) if (r.loaded) reload(r.name);
+  try {
+    for (const r of await loadDirects()) reload(r.name);
+  } catch (error) {
+    console.warn("chat: could not reload the direct conversations", error);
+  }
+  renderRooms();
 });
 
 relay.on("client", ({ reason }) => {
@@ -428,7 +577,7 @@ $("composer").addEventListener("submit", (event) => {
   const input = $("composer-input");
   const text = input.value.trim();
   if (!text || !current) return;
-  relay.send({ room: current }, { text });
+  relay.send(targetOf(current), { text });
   input.value = "";
   lastTypingSent = 0;
   input.focus();
@@ -436,7 +585,7 @@ $("composer").addEventListener("submit", (event) => {
 
 $("composer-input").addEventListener("input", () => {
   const now = Date.now();
-  if (current && now - lastTypingSent > TYPING_SEND_EVERY_MS) {
+  if (current && room(current).kind === "room" && now - lastTypingSent > TYPING_SEND_EVERY_MS) {
     lastTypingSent = now;
     relay.typing(current);
   }
@@ -461,6 +610,8 @@ window.addEventListener("hashchange", () => {
   select(decodeURIComponent(window.location.hash.slice(1)));
 });
 
+window.addEventListener("pagehide", saveCache);
+
 setInterval(renderTyping, 1000);
 
 // -- start ----------------------------------------------------------------------------------------
@@ -470,15 +621,27 @@ async function start() {
   meAvatar.textContent = initials(me);
   meAvatar.style.setProperty("--hue", hue(me));
   for (const entry of relay.pending()) pending.set(entry.client_msg_id, entry);
+  // Drawn before the server answers (it may be out of reach: a reload while offline): the
+  // cached conversations, the current one, and the outbox in it.
+  const cached = restoreCache();
+  for (const entry of pending.values()) room(keyOf(entry.to, me));
+  const wanted = decodeURIComponent(window.location.hash.slice(1));
+  current = rooms.has(wanted) ? wanted : rooms.has(cached) ? cached : null;
   render();
   // Registered before history is read: every later message is in this tab's queue, and
   // anything in both is one message by id.
   await relay.connect();
-  await loadRooms();
-  const wanted = decodeURIComponent(window.location.hash.slice(1));
-  const first = rooms.has(wanted) ? wanted : [...rooms.keys()].sort()[0];
+  await Promise.all([loadRooms(), loadDirects()]);
+  saveCache();
+  const roomNames = [...rooms.values()].filter((r) => r.kind === "room").map((r) => r.name);
+  let first = roomNames.sort()[0];
+  if (rooms.has(wanted)) first = wanted;
+  if (current && rooms.has(current)) first = current;
   if (first) await select(first);
-  else render();
+  else {
+    current = null;
+    render();
+  }
 }
 
 start();

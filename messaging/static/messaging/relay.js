@@ -146,6 +146,24 @@ export class RelayClient {
     return this.outbox.map((entry) => ({ ...entry }));
   }
 
+  /**
+   * The history of a conversation, newest last: `to` is {room} or {user} (the direct messages
+   * between this user and that one). What a resync may have skipped is here.
+   */
+  async history(to, { before, limit = 100 } = {}) {
+    const path = to.room !== undefined
+      ? `/api/rooms/${encodeURIComponent(to.room)}/messages`
+      : `/api/direct/${encodeURIComponent(to.user)}/messages`;
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (before !== undefined) query.set("before", String(before));
+    return (await this.request("GET", `${path}?${query}`)).messages;
+  }
+
+  /** The users this user has direct messages with, newest first: [{user, last_id}]. */
+  async conversations({ limit = 100 } = {}) {
+    return (await this.request("GET", `/api/direct/?limit=${limit}`)).conversations;
+  }
+
   /** GET/POST a protocol URL as JSON with the CSRF header; throws HttpError on a non-2xx answer. */
   async request(method, path, body) {
     const headers = { Accept: "application/json" };
@@ -633,7 +651,13 @@ export class RelayClient {
     this.hidden = true;
     const form = new FormData();
     form.append("csrfmiddlewaretoken", csrfToken());
-    navigator.sendBeacon(`${this.options.baseUrl}/api/clients/${this.clientId}/close`, form);
+    // The beacon names this page's last connection attempt: if it reaches the server after
+    // the reloaded page's socket (a higher attempt) attached, the server ignores it.
+    const conn = Number(this._load("conn", 0));
+    navigator.sendBeacon(
+      `${this.options.baseUrl}/api/clients/${this.clientId}/close?conn=${conn}`,
+      form,
+    );
     this._closeSocket();
   }
 
