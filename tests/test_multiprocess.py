@@ -252,3 +252,25 @@ async def test_presence_crosses_processes_and_heals_when_one_dies(deployment):
     a.kill()
     await presence_of("alice", False, 20)
     await bob.close()
+
+
+async def test_a_server_with_sockets_stops_promptly_on_sigterm(deployment):
+    """SIGTERM ends a process with open sockets (and its router of batched pokes, waiting on
+    Redis) within a few seconds: no task of it outlives its sockets."""
+    import signal
+    import time
+
+    a, b = deployment.start(), deployment.start()
+    sender = new_tab(login(b, "alice"))
+    on_a = [new_tab(login(a, "bob")), new_tab(login(a, "bob"))]
+    await sender.connect(b)
+    for tab in on_a:
+        await tab.connect(a)
+    await sender.send("s1", {"room": "hall"}, {"n": 1})  # batched pokes through a's router
+    for tab in on_a:
+        assert await tab.collect(1, timeout=5) == [{"n": 1}]
+    started = time.monotonic()
+    a.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(a.proc.wait, 15)
+    assert time.monotonic() - started < 5.0
+    await sender.close()
