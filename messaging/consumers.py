@@ -79,6 +79,9 @@ _background: set[asyncio.Task] = set()
 
 CLOSE_SUPERSEDED = 4409
 CLOSE_GONE = 4404
+# Deleted to make room for a newer tab of its user (CLIENTS_MAX_PER_USER): unlike after a 4404,
+# the tab must not register again by itself, or live tabs past the bound would evict each other.
+CLOSE_EVICTED = 4429
 CLOSE_KICKED = 1012
 _MISSING = object()
 
@@ -528,7 +531,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def clients_deleted(self, event: dict) -> None:
         if self.attached and not self.closing:
-            await self._close(CLOSE_GONE)
+            await self._close(CLOSE_EVICTED if event.get("evicted") else CLOSE_GONE)
 
     # -- sending ------------------------------------------------------------------------------
 

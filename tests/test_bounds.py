@@ -1,0 +1,108 @@
+"""Per-user bounds (one user must not multiply his share): clients per user, the send rate per
+user across processes, rooms per user, typing and ping frames."""
+
+import asyncio
+import threading
+from datetime import timedelta
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+from django.utils import timezone
+
+from clients.models import Client
+from clients.services import attach, register_client
+from tests.conftest import api_post, connect_tab, http_as, new_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def send_frame(cmid, to, body) -> dict:
+    return {"type": "send", "client_msg_id": cmid, "to": to, "body": body}
+
+
+@database_sync_to_async
+def client_ids(user) -> set[str]:
+    return {str(pk) for pk in Client.objects.filter(user=user).values_list("pk", flat=True)}
+
+
+# -- clients per user -----------------------------------------------------------------------
+
+
+def test_registering_past_the_bound_evicts_closing_then_disconnected_then_oldest(alice, settings):
+    """Past CLIENTS_MAX_PER_USER a register evicts a closing client first, then the least
+    recently seen one without a socket, and a live one only when no other is left."""
+    settings.CLIENTS_MAX_PER_USER = 3
+    now = timezone.now()
+    live_old, idle_old, idle_new = (register_client(alice) for _ in range(3))
+    attach(alice, live_old.pk, "specific.x!live")
+    for client, ago in ((live_old, 300), (idle_old, 200), (idle_new, 100)):
+        Client.objects.filter(pk=client.pk).update(last_seen_at=now - timedelta(seconds=ago))
+    Client.objects.filter(pk=idle_new.pk).update(closing_at=now)
+
+    fourth = register_client(alice)  # the closing one goes, though seen last
+    assert set(Client.objects.filter(user=alice).values_list("pk", flat=True)) == {
+        live_old.pk,
+        idle_old.pk,
+        fourth.pk,
+    }
+    attach(alice, fourth.pk, "specific.x!fourth")
+    fifth = register_client(alice)  # then the idle one
+    assert not Client.objects.filter(pk=idle_old.pk).exists()
+    attach(alice, fifth.pk, "specific.x!fifth")
+    register_client(alice)  # all live: the least recently seen live one
+    assert not Client.objects.filter(pk=live_old.pk).exists()
+    assert Client.objects.filter(user=alice).count() == 3
+
+
+def test_concurrent_registers_never_exceed_the_bound(alice, settings):
+    """Registers of one user racing each other leave at most CLIENTS_MAX_PER_USER clients."""
+    settings.CLIENTS_MAX_PER_USER = 3
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                register_client(alice)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Client.objects.filter(user=alice).count() == 3
+
+
+async def test_a_live_tab_evicted_for_a_new_one_closes_with_4429(alice, bob, settings):
+    """With every client live, registering one more closes the least recently seen tab with
+    4429 (its client is gone) while the others and the new tab work."""
+    settings.CLIENTS_MAX_PER_USER = 2
+    first = await new_client(alice)
+    tab1 = await connect_tab(alice, first)
+    second = await new_client(alice)
+    tab2 = await connect_tab(alice, second)
+    third = await new_client(alice)
+    assert await tab1.close_code() == 4429
+    assert await client_ids(alice) == {second, third}
+    tab3 = await connect_tab(alice, third)
+    await tab3.send(send_frame("m1", {"user": "alice"}, "hi"))
+    for tab in (tab2, tab3):
+        assert (await tab.deliveries(1))[0]["message"]["body"] == "hi"
+    assert (await tab3.recv_type("sent"))["client_msg_id"] == "m1"
+    for tab in (tab1, tab2, tab3):
+        await tab.disconnect()
+
+
+def test_no_bound_when_the_setting_is_none(alice, settings):
+    """CLIENTS_MAX_PER_USER = None registers without evicting."""
+    settings.CLIENTS_MAX_PER_USER = None
+    for _ in range(4):
+        register_client(alice)
+    assert Client.objects.filter(user=alice).count() == 4
