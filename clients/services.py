@@ -126,6 +126,14 @@ class Attachment:
     previous_channel: str
 
 
+def lock_user(user_id: int) -> None:
+    """
+    Lock the user's row until the transaction ends: per-user bounds (clients, rooms) are
+    counted and enforced under it, one request after the other.
+    """
+    _lock_user(user_id)
+
+
 def _lock_user(user_id: int) -> None:
     # Serialises attach/detach per user, so "first socket" and "last socket" are decided once
     # even when two tabs connect or leave at the same moment on different processes. NO KEY:

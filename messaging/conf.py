@@ -14,6 +14,16 @@ DEFAULTS: dict[str, Any] = {
     # Sends per second per client (token bucket refill) and the bucket size; None turns it off.
     "MESSAGING_SEND_RATE": 50.0,
     "MESSAGING_SEND_BURST": 200,
+    # Rooms one user may create (rooms are never deleted); past it: 409 too_many_rooms. None:
+    # no bound.
+    "MESSAGING_MAX_ROOMS_PER_USER": 100,
+    # Per socket: a typing frame is relayed at most once per this many seconds per room (the
+    # rest are dropped, with one rate_limited error frame); None: no bound.
+    "MESSAGING_TYPING_INTERVAL": 1.0,
+    # Per socket: pings per second answered (token bucket refill) and the bucket size; a ping
+    # past them gets a rate_limited error frame instead of a pong. None: no bound.
+    "MESSAGING_PING_RATE": 1.0,
+    "MESSAGING_PING_BURST": 10,
     # Deliveries read from the database per query when a socket catches up.
     "MESSAGING_REPLAY_BATCH": 500,
     # Seconds to keep message history once no queue holds the message; None keeps it forever.

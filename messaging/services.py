@@ -21,7 +21,7 @@ from django.utils import timezone
 from clients.errors import Conflict, Forbidden, NotFound, RateLimited
 from clients.models import Client, client_group, user_group
 from clients.push import channel_send_after_commit, group_send_after_commit, group_send_now
-from clients.services import AnyUser, get_own_client, require_user, touch
+from clients.services import AnyUser, get_own_client, lock_user, require_user, touch
 from messaging import batching, conf, validation
 from messaging.models import Delivery, Message, Room
 from messaging.wire import message_tail
@@ -502,8 +502,17 @@ def create_room(user: AnyUser | None, name: object) -> dict:
     """
     owner = require_user(user)
     clean = validation.room_name(name)
+    limit = conf.get("MESSAGING_MAX_ROOMS_PER_USER")
     try:
         with transaction.atomic():
+            if limit is not None:
+                # Counted under the user lock: concurrent creates of one user cannot overshoot.
+                lock_user(owner.pk)
+                if Room.objects.filter(created_by_id=owner.pk).count() >= limit:
+                    raise Conflict(
+                        f"you have created {limit} rooms, the most one user may create",
+                        code="too_many_rooms",
+                    )
             room = Room.objects.create(name=clean, created_by_id=owner.pk)
             room.members.add(owner.pk)
     except IntegrityError:

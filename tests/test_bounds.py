@@ -106,3 +106,90 @@ def test_no_bound_when_the_setting_is_none(alice, settings):
     for _ in range(4):
         register_client(alice)
     assert Client.objects.filter(user=alice).count() == 4
+
+
+# -- rooms, typing and pings ------------------------------------------------------------------
+
+
+async def frames_until_quiet(tab) -> list[dict]:
+    # Every frame but presence until the socket is quiet for a moment.
+    frames = []
+    while not await tab.nothing(0.3):
+        frame = await tab.recv()
+        if frame["type"] != "presence":
+            frames.append(frame)
+    return frames
+
+
+@database_sync_to_async
+def lobby(*users) -> None:
+    from messaging import services
+
+    services.create_room(users[0], "lobby")
+    for user in users[1:]:
+        services.join_room(user, "lobby")
+
+
+def test_rooms_per_user_are_bounded_with_409_too_many_rooms(alice, bob, settings):
+    """Past MESSAGING_MAX_ROOMS_PER_USER rooms created, a user's next create is 409
+    too_many_rooms; other users still create theirs."""
+    settings.MESSAGING_MAX_ROOMS_PER_USER = 2
+    http = http_as(alice)
+    for name in ("r1", "r2"):
+        assert api_post(http, "/api/rooms/", {"name": name}).status_code == 201
+    refused = api_post(http, "/api/rooms/", {"name": "r3"})
+    assert refused.status_code == 409, refused.content
+    assert refused.json()["error"]["code"] == "too_many_rooms"
+    assert refused.json()["error"]["detail"]
+    assert api_post(http_as(bob), "/api/rooms/", {"name": "r3"}).status_code == 201
+
+
+async def test_typing_is_relayed_once_per_interval_and_the_excess_gets_one_error(
+    alice, bob, settings
+):
+    """A burst of typing frames in one room reaches the other members once; the sender gets one
+    rate_limited error frame for the rest, and typing is relayed again after the interval."""
+    settings.MESSAGING_TYPING_INTERVAL = 0.5
+    await lobby(alice, bob)
+    ta = await connect_tab(alice, await new_client(alice))
+    tb = await connect_tab(bob, await new_client(bob))
+    for _ in range(20):
+        await ta.send({"type": "typing", "room": "lobby"})
+    assert await tb.recv_type("typing") == {"type": "typing", "room": "lobby", "user": "alice"}
+    error = await ta.recv_type("error")
+    assert error["code"] == "rate_limited", error
+    assert await frames_until_quiet(tb) == [] and await frames_until_quiet(ta) == []
+    await asyncio.sleep(0.5)
+    await ta.send({"type": "typing", "room": "lobby"})
+    assert await tb.recv_type("typing") == {"type": "typing", "room": "lobby", "user": "alice"}
+    await ta.disconnect()
+    await tb.disconnect()
+
+
+async def test_typing_in_ever_new_rooms_is_bounded_too(alice, settings):
+    """Typing frames naming a new room each time are looked up for a few rooms per interval
+    only; the rest get one rate_limited error frame."""
+    settings.MESSAGING_TYPING_INTERVAL = 5.0
+    ta = await connect_tab(alice, await new_client(alice))
+    for i in range(30):
+        await ta.send({"type": "typing", "room": f"nowhere-{i}"})
+    codes = [frame["code"] for frame in await frames_until_quiet(ta)]
+    assert codes == ["unknown_room"] * 8 + ["rate_limited"], codes
+    await ta.disconnect()
+
+
+async def test_pings_past_the_burst_get_one_rate_limited_error(alice, settings):
+    """Past MESSAGING_PING_BURST pings a socket's next ping gets a rate_limited error frame
+    (later ones nothing) until its bucket refills; the socket stays usable."""
+    settings.MESSAGING_PING_RATE, settings.MESSAGING_PING_BURST = 2.0, 3
+    ta = await connect_tab(alice, await new_client(alice))
+    for _ in range(10):
+        await ta.send({"type": "ping"})
+    frames = [await ta.recv() for _ in range(4)]
+    assert frames[:3] == [{"type": "pong", "head": 0}] * 3
+    assert frames[3]["type"] == "error" and frames[3]["code"] == "rate_limited", frames
+    assert await ta.nothing()
+    await asyncio.sleep(0.6)
+    await ta.send({"type": "ping"})
+    assert await ta.recv() == {"type": "pong", "head": 0}
+    await ta.disconnect()
