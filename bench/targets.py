@@ -86,6 +86,7 @@ class Ours:
         self.database_url = database_url
         self.settings = {
             "MESSAGING_SEND_RATE": "None",
+            "MESSAGING_USER_SEND_RATE": "None",
             # Hundreds of tabs share a few logins here.
             "CLIENTS_MAX_PER_USER": "None",
             "LOG_LEVEL": "WARNING",

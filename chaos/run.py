@@ -153,6 +153,7 @@ class ChaosRun:
         workdir.mkdir(parents=True, exist_ok=True)
         settings = {
             "MESSAGING_SEND_RATE": "None",
+            "MESSAGING_USER_SEND_RATE": "None",
             "CLIENTS_HEARTBEAT_INTERVAL": "1",
             "CLIENTS_PROCESS_TIMEOUT": "6",
             "CLIENTS_CLEANUP_INTERVAL": "3",

@@ -36,19 +36,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="messaging.E002",
             )
         )
-    rate, burst = conf.get("MESSAGING_SEND_RATE"), conf.get("MESSAGING_SEND_BURST")
-    if rate is not None and (
-        not isinstance(rate, int | float)
-        or rate <= 0
-        or not isinstance(burst, int | float)
-        or burst < 1
-    ):
-        errors.append(
-            Error(
-                "MESSAGING_SEND_RATE must be None or > 0, MESSAGING_SEND_BURST >= 1.",
-                id="messaging.E003",
-            )
-        )
+    for who, eid in (("", "messaging.E003"), ("USER_", "messaging.E004")):
+        rate_name, burst_name = f"MESSAGING_{who}SEND_RATE", f"MESSAGING_{who}SEND_BURST"
+        rate, burst = conf.get(rate_name), conf.get(burst_name)
+        if rate is not None and (
+            not isinstance(rate, int | float)
+            or rate <= 0
+            or not isinstance(burst, int | float)
+            or burst < 1
+        ):
+            errors.append(Error(f"{rate_name} must be None or > 0, {burst_name} >= 1.", id=eid))
     return errors
 
 

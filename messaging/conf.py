@@ -12,8 +12,16 @@ DEFAULTS: dict[str, Any] = {
     # Most unacked deliveries one client may hold; past it the client must resync from history.
     "MESSAGING_QUEUE_LIMIT": 10_000,
     # Sends per second per client (token bucket refill) and the bucket size; None turns it off.
+    # Held across processes with MESSAGING_RATE_REDIS_URL (messaging.ratelimit).
     "MESSAGING_SEND_RATE": 50.0,
     "MESSAGING_SEND_BURST": 200,
+    # The same for all the clients of one user together; None turns it off.
+    "MESSAGING_USER_SEND_RATE": 100.0,
+    "MESSAGING_USER_SEND_BURST": 400,
+    # Where the send buckets live so that they hold across processes (a redis:// URL; settings
+    # sets it from REDIS_URL), and their key prefix; None: in each process.
+    "MESSAGING_RATE_REDIS_URL": None,
+    "MESSAGING_RATE_REDIS_PREFIX": "tabrelay",
     # Rooms one user may create (rooms are never deleted); past it: 409 too_many_rooms. None:
     # no bound.
     "MESSAGING_MAX_ROOMS_PER_USER": 100,

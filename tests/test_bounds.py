@@ -3,6 +3,7 @@ user across processes, rooms per user, typing and ping frames."""
 
 import asyncio
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -106,6 +107,75 @@ def test_no_bound_when_the_setting_is_none(alice, settings):
     for _ in range(4):
         register_client(alice)
     assert Client.objects.filter(user=alice).count() == 4
+
+
+# -- the send rate per user, across processes --------------------------------------------------
+
+
+def http_send(user, client_id: str, cmid: str) -> int:
+    payload = {"client_id": client_id, "client_msg_id": cmid, "to": {"user": "bob"}, "body": 1}
+    return api_post(http_as(user), "/api/messages/", payload).status_code
+
+
+async def test_a_users_tabs_share_one_send_allowance(alice, bob, settings):
+    """Two clients of one user together get MESSAGING_USER_SEND_BURST sends, over HTTP and
+    WebSocket alike; the next is refused rate_limited though each client is under its own."""
+    settings.MESSAGING_SEND_RATE, settings.MESSAGING_SEND_BURST = 0.001, 10
+    settings.MESSAGING_USER_SEND_RATE, settings.MESSAGING_USER_SEND_BURST = 0.001, 3
+    a1, a2 = await new_client(alice), await new_client(alice)
+    send = database_sync_to_async(http_send)
+    assert await send(alice, a1, "h1") == 201
+    assert await send(alice, a2, "h2") == 201
+    tab = await connect_tab(alice, a2)
+    await tab.send(send_frame("w1", {"user": "bob"}, 1))
+    assert (await tab.recv_type("sent"))["client_msg_id"] == "w1"
+    await tab.send(send_frame("w2", {"user": "bob"}, 2))
+    refused = await tab.recv_type("error")
+    assert refused["code"] == "rate_limited" and refused["client_msg_id"] == "w2", refused
+    assert await send(alice, a1, "h3") == 429
+    assert await send(bob, await new_client(bob), "b1") == 201  # another user's own allowance
+    await tab.disconnect()
+
+
+@pytest.fixture
+def redis_buckets(settings):
+    """The send buckets in the Redis of REDIS_URL (skipped without one), under a key prefix
+    of this test's own, deleted afterwards."""
+    import os
+    import uuid
+
+    import redis
+
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    conn = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("REQUIRE_SERVICES"):
+            raise
+        pytest.skip(f"no Redis at {url}: {exc}")
+    settings.MESSAGING_RATE_REDIS_URL = url
+    settings.MESSAGING_RATE_REDIS_PREFIX = prefix = f"test-bounds-{uuid.uuid4().hex[:12]}"
+    yield
+    for key in conn.scan_iter(f"{prefix}:*"):
+        conn.delete(key)
+    conn.close()
+
+
+def test_redis_buckets_are_shared_by_processes_and_refill(redis_buckets, settings):
+    """Two processes' limiters (two SendRate objects) share each client's and each user's
+    bucket in Redis: a send takes from both or neither, and tokens come back at the rate."""
+    from messaging.ratelimit import SendRate
+
+    settings.MESSAGING_SEND_RATE, settings.MESSAGING_SEND_BURST = 0.001, 2
+    settings.MESSAGING_USER_SEND_RATE, settings.MESSAGING_USER_SEND_BURST = 5.0, 3
+    one, two = SendRate(), SendRate()
+    assert one.take_many([("c1", "u"), ("c1", "u")]) == [True, True]
+    assert two.take_many([("c1", "u"), ("c2", "u"), ("c2", "u")]) == [False, True, False]
+    assert one.take("c3", "u") is False  # the user's bucket is empty
+    assert two.take("c4", "v") is True  # another user's is not
+    time.sleep(0.25)  # one user token back at 5/s
+    assert one.take("c3", "u") is True and two.take("c3", "u") is False
 
 
 # -- rooms, typing and pings ------------------------------------------------------------------

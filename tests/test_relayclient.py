@@ -13,7 +13,7 @@ USERS = ("alice", "bob")
 
 @pytest.fixture
 def deployment(tmp_path):
-    dep = Deployment(tmp_path, MESSAGING_SEND_RATE="None")
+    dep = Deployment(tmp_path, MESSAGING_SEND_RATE="None", MESSAGING_USER_SEND_RATE="None")
     dep.populate({name: f"{name}-pass-1" for name in USERS}, {"hall": list(USERS)})
     yield dep
     dep.close()
