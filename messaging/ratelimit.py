@@ -77,8 +77,9 @@ class SendRate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[tuple, tuple[float, float]] = {}
-        self._scripts: dict[str, Any] = {}  # Redis URL -> its registered script
+        self._redis: dict[str, tuple[Any, Any]] = {}  # Redis URL -> (client, its script)
         self._epoch = "0"  # part of every Redis key; reset() starts afresh
+        self._written: set[tuple[str, str]] = set()  # (URL, key prefix) used since reset()
         self._redis_failed_at = 0.0
 
     def take(self, client_id: object, user_id: object) -> bool:
@@ -107,13 +108,14 @@ class SendRate:
         return self._take_local(sends, limits)
 
     def _take_redis(self, url: str, sends: list, limits: tuple) -> list[bool]:
-        script = self._scripts.get(url)
-        if script is None:
+        if url not in self._redis:
             import redis
 
             client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            script = self._scripts.setdefault(url, client.register_script(_TAKE))
+            self._redis.setdefault(url, (client, client.register_script(_TAKE)))
+        script = self._redis[url][1]
         prefix = f"{conf.get('MESSAGING_RATE_REDIS_PREFIX')}:rate:{self._epoch}"
+        self._written.add((url, prefix))
         keys = [k for c, u in sends for k in (f"{prefix}:c:{c}", f"{prefix}:u:{u}")]
         return [bool(ok) for ok in script(keys=keys, args=[repr(x) for x in limits])]
 
@@ -147,11 +149,19 @@ class SendRate:
 
     def reset(self) -> None:
         """
-        Forget every bucket (tests): this process's, and its view of Redis's.
+        Forget every bucket (tests): this process's, and the ones it wrote to Redis.
         """
         with self._lock:
             self._buckets.clear()
             self._epoch = uuid.uuid4().hex[:12]
+            written, self._written = self._written, set()
+        for url, prefix in written:
+            client = self._redis[url][0]
+            try:
+                for key in client.scan_iter(f"{prefix}:*"):
+                    client.delete(key)
+            except Exception as exc:
+                logger.warning("could not delete send buckets in Redis: %r", exc)
 
 
 send_rate = SendRate()

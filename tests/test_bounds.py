@@ -263,3 +263,18 @@ async def test_pings_past_the_burst_get_one_rate_limited_error(alice, settings):
     await ta.send({"type": "ping"})
     assert await ta.recv() == {"type": "pong", "head": 0}
     await ta.disconnect()
+
+
+def test_bad_bound_settings_are_system_check_errors(settings):
+    """Bounds that are neither None nor a sane number are refused at start-up."""
+    from clients.checks import check_settings as clients_check
+    from messaging.checks import check_settings as messaging_check
+
+    assert clients_check() == [] and messaging_check() == []
+    settings.CLIENTS_MAX_PER_USER = 0
+    settings.MESSAGING_USER_SEND_RATE, settings.MESSAGING_PING_BURST = -1, 0
+    settings.MESSAGING_MAX_ROOMS_PER_USER, settings.MESSAGING_TYPING_INTERVAL = "many", 0
+    assert [e.id for e in clients_check()] == ["clients.E002"]
+    assert (
+        sorted(e.id for e in messaging_check()) == ["messaging.E003"] * 2 + ["messaging.E005"] * 2
+    )
