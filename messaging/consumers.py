@@ -407,8 +407,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         if not allowed:
             if allowed is False:
                 raise RateLimited(
-                    "typing frames are relayed at most once a second per room; dropped",
-                    "rate_limited",
+                    "too many typing frames; the excess is dropped, not relayed", "rate_limited"
                 )
             return
         await self._typing(room)
