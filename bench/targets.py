@@ -84,7 +84,14 @@ class Ours:
         self.user_names = [f"u{i}" for i in range(max(1, users))]
         self.processes = processes
         self.database_url = database_url
-        self.settings = {"MESSAGING_SEND_RATE": "None", "LOG_LEVEL": "WARNING", **(settings or {})}
+        self.settings = {
+            "MESSAGING_SEND_RATE": "None",
+            "MESSAGING_USER_SEND_RATE": "None",
+            # Hundreds of tabs share a few logins here.
+            "CLIENTS_MAX_PER_USER": "None",
+            "LOG_LEVEL": "WARNING",
+            **(settings or {}),
+        }
         self.deployment = None
         self.cookies: dict[str, list] = {}
         self.hung_on_sigterm = 0

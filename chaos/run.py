@@ -153,6 +153,9 @@ class ChaosRun:
         workdir.mkdir(parents=True, exist_ok=True)
         settings = {
             "MESSAGING_SEND_RATE": "None",
+            "MESSAGING_USER_SEND_RATE": "None",
+            # The checker does not model evictions (--tabs / --users may exceed the bound).
+            "CLIENTS_MAX_PER_USER": "None",
             "CLIENTS_HEARTBEAT_INTERVAL": "1",
             "CLIENTS_PROCESS_TIMEOUT": "6",
             "CLIENTS_CLEANUP_INTERVAL": "3",

@@ -225,15 +225,23 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # App settings (defaults live in clients/conf.py and messaging/conf.py); set here to override.
 
+if os.environ.get("REDIS_URL"):
+    # The send rate limits hold across processes through the same Redis (messaging.ratelimit).
+    MESSAGING_RATE_REDIS_URL = os.environ["REDIS_URL"]
+    MESSAGING_RATE_REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "asgi")
+
 
 def _env_setting(raw: str) -> object:
-    """An app setting from the environment: a number, or none/true/false."""
+    """An app setting from the environment: a number, none/true/false, or else the text."""
     lowered = raw.strip().lower()
     if lowered in {"none", "null", ""}:
         return None
     if lowered in {"true", "false"}:
         return lowered == "true"
-    return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    try:
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except ValueError:
+        return raw
 
 
 # Every app setting (clients/conf.py, messaging/conf.py) can also come from the environment.

@@ -19,4 +19,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             errors.append(
                 Error(f"{name} must be a number of seconds >= 0, not {value!r}.", id="clients.E001")
             )
+    limit = conf.get("CLIENTS_MAX_PER_USER")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        errors.append(
+            Error(f"CLIENTS_MAX_PER_USER must be None or >= 1, not {limit!r}.", id="clients.E002")
+        )
     return errors

@@ -21,6 +21,9 @@ DEFAULTS: dict[str, Any] = {
     "CLIENTS_PROCESS_TIMEOUT": 45,
     # last_seen is written at most this often (seconds) for HTTP activity.
     "CLIENTS_TOUCH_INTERVAL": 30,
+    # Most clients (tabs) one user may have; registering one more evicts the least recently
+    # seen (see clients.services.register_client). None: no bound.
+    "CLIENTS_MAX_PER_USER": 50,
 }
 
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
+from django.db.models import Case, Value, When
 from django.utils import timezone
 
 from clients import conf
@@ -65,12 +66,44 @@ def get_own_client(user: AnyUser | None, client_id: object, *, for_update: bool 
 
 def register_client(user: AnyUser | None) -> Client:
     """
-    Create a new client (tab) for the logged-in user, with an empty queue.
+    Create a new client (tab) for the logged-in user, with an empty queue; past
+    CLIENTS_MAX_PER_USER the user's least recently seen clients are evicted to make room.
     """
     owner = require_user(user)
-    client = Client.objects.create(user_id=owner.pk)
+    limit = conf.get("CLIENTS_MAX_PER_USER")
+    with transaction.atomic():
+        if limit is not None:
+            # Under the user lock (as attach takes it): concurrent registers of one user are
+            # counted one after the other, so none of them overshoots the bound.
+            _lock_user(owner.pk)
+            _evict_for_one_more(owner.pk, int(limit))
+        client = Client.objects.create(user_id=owner.pk)
     logger.info("client %s registered for user %s", client.id, owner.pk)
     return client
+
+
+def _evict_for_one_more(user_id: int, limit: int) -> None:
+    # Refusing the new tab would break the tab the user is looking at, so an old one goes:
+    # closing tabs first, then tabs without a socket (a 4404 when they come back makes them
+    # register again), and only then live ones, least recently seen first. A live tab evicted
+    # is closed with 4429, on which the browser client waits for its user instead of
+    # registering again at once: two live tabs past the bound would otherwise evict each
+    # other without end.
+    mine = Client.objects.filter(user_id=user_id)
+    excess = mine.count() - max(1, limit) + 1
+    if excess <= 0:
+        return
+    rank = Case(
+        When(closing_at__isnull=False, then=Value(0)),
+        When(channel_name="", then=Value(1)),
+        default=Value(2),
+    )
+    victims = list(
+        mine.annotate(rank=rank)
+        .order_by("rank", "last_seen_at", "id")
+        .values_list("id", flat=True)[:excess]
+    )
+    delete_clients(victims, by=f"eviction (over CLIENTS_MAX_PER_USER={limit})", evicted=True)
 
 
 def touch(client: Client) -> None:
@@ -91,6 +124,14 @@ class Attachment:
 
     client: Client
     previous_channel: str
+
+
+def lock_user(user_id: int) -> None:
+    """
+    Lock the user's row until the transaction ends: per-user bounds (clients, rooms) are
+    counted and enforced under it, one request after the other.
+    """
+    _lock_user(user_id)
 
 
 def _lock_user(user_id: int) -> None:
@@ -217,10 +258,11 @@ def kick_clients(client_ids: list) -> int:
     return len(ids)
 
 
-def delete_clients(client_ids: list, *, by: str = "an operator") -> int:
+def delete_clients(client_ids: list, *, by: str = "an operator", evicted: bool = False) -> int:
     """
-    Delete these clients and their queues now; open sockets close with 4404, and users left
-    without a socket are announced offline.
+    Delete these clients and their queues now; open sockets close with 4404 (4429 if
+    `evicted`: the user opened more tabs than the bound), and users left without a socket are
+    announced offline.
     """
     with transaction.atomic():
         rows = list(
@@ -233,6 +275,7 @@ def delete_clients(client_ids: list, *, by: str = "an operator") -> int:
             if channel and not _connected_elsewhere(user_id, client_id):
                 _announce(user_id, False)
         Client.objects.filter(id__in=[r[0] for r in rows]).delete()
-        group_send_after_commit([(client_group(r[0]), {"type": "clients.deleted"}) for r in rows])
+        event = {"type": "clients.deleted", "evicted": evicted}
+        group_send_after_commit([(client_group(r[0]), event) for r in rows])
     logger.info("%d client(s) deleted by %s", len(rows), by)
     return len(rows)

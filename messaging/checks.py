@@ -36,19 +36,28 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="messaging.E002",
             )
         )
-    rate, burst = conf.get("MESSAGING_SEND_RATE"), conf.get("MESSAGING_SEND_BURST")
-    if rate is not None and (
-        not isinstance(rate, int | float)
-        or rate <= 0
-        or not isinstance(burst, int | float)
-        or burst < 1
+    for rate_name, burst_name in (
+        ("MESSAGING_SEND_RATE", "MESSAGING_SEND_BURST"),
+        ("MESSAGING_USER_SEND_RATE", "MESSAGING_USER_SEND_BURST"),
+        ("MESSAGING_PING_RATE", "MESSAGING_PING_BURST"),
     ):
-        errors.append(
-            Error(
-                "MESSAGING_SEND_RATE must be None or > 0, MESSAGING_SEND_BURST >= 1.",
-                id="messaging.E003",
+        rate, burst = conf.get(rate_name), conf.get(burst_name)
+        if rate is not None and (
+            not isinstance(rate, int | float)
+            or rate <= 0
+            or not isinstance(burst, int | float)
+            or burst < 1
+        ):
+            errors.append(
+                Error(f"{rate_name} must be None or > 0, {burst_name} >= 1.", id="messaging.E003")
             )
+    rooms, typing = conf.get("MESSAGING_MAX_ROOMS_PER_USER"), conf.get("MESSAGING_TYPING_INTERVAL")
+    if rooms is not None and (not isinstance(rooms, int) or isinstance(rooms, bool) or rooms < 0):
+        errors.append(
+            Error("MESSAGING_MAX_ROOMS_PER_USER must be None or >= 0.", id="messaging.E005")
         )
+    if typing is not None and (not isinstance(typing, int | float) or typing <= 0):
+        errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E005"))
     return errors
 
 

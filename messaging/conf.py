@@ -12,8 +12,26 @@ DEFAULTS: dict[str, Any] = {
     # Most unacked deliveries one client may hold; past it the client must resync from history.
     "MESSAGING_QUEUE_LIMIT": 10_000,
     # Sends per second per client (token bucket refill) and the bucket size; None turns it off.
+    # Held across processes with MESSAGING_RATE_REDIS_URL (messaging.ratelimit).
     "MESSAGING_SEND_RATE": 50.0,
     "MESSAGING_SEND_BURST": 200,
+    # The same for all the clients of one user together; None turns it off.
+    "MESSAGING_USER_SEND_RATE": 100.0,
+    "MESSAGING_USER_SEND_BURST": 400,
+    # Where the send buckets live so that they hold across processes (a redis:// URL; settings
+    # sets it from REDIS_URL), and their key prefix; None: in each process.
+    "MESSAGING_RATE_REDIS_URL": None,
+    "MESSAGING_RATE_REDIS_PREFIX": "tabrelay",
+    # Rooms one user may create (rooms are never deleted); past it: 409 too_many_rooms. None:
+    # no bound.
+    "MESSAGING_MAX_ROOMS_PER_USER": 100,
+    # Per socket: a typing frame is relayed at most once per this many seconds per room (the
+    # rest are dropped, with one rate_limited error frame); None: no bound.
+    "MESSAGING_TYPING_INTERVAL": 1.0,
+    # Per socket: pings per second answered (token bucket refill) and the bucket size; a ping
+    # past them gets a rate_limited error frame instead of a pong. None: no bound.
+    "MESSAGING_PING_RATE": 1.0,
+    "MESSAGING_PING_BURST": 10,
     # Deliveries read from the database per query when a socket catches up.
     "MESSAGING_REPLAY_BATCH": 500,
     # Seconds to keep message history once no queue holds the message; None keeps it forever.

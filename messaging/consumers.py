@@ -24,9 +24,9 @@ from django.db import InterfaceError, OperationalError, connections
 
 from clients import push
 from clients import services as client_services
-from clients.errors import Malformed, ServiceError
+from clients.errors import Malformed, RateLimited, ServiceError
 from clients.models import client_group, user_group
-from messaging import acks, batching, conf, frames, sends, services, validation
+from messaging import acks, batching, conf, frames, sends, services, throttle, validation
 from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
@@ -79,6 +79,9 @@ _background: set[asyncio.Task] = set()
 
 CLOSE_SUPERSEDED = 4409
 CLOSE_GONE = 4404
+# Deleted to make room for a newer tab of its user (CLIENTS_MAX_PER_USER): unlike after a 4404,
+# the tab must not register again by itself, or live tabs past the bound would evict each other.
+CLOSE_EVICTED = 4429
 CLOSE_KICKED = 1012
 _MISSING = object()
 
@@ -182,6 +185,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.held: dict[int, tuple[int, str]] = {}  # pokes that came ahead of a gap, by seq
+        self.throttle = throttle.SocketThrottle()  # typing and ping frames
 
     async def dispatch(self, message: dict) -> None:
         # channels' dispatch first hops to the thread-sensitive thread to close old database
@@ -380,7 +384,13 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     async def _on_ping(self, frame: dict) -> None:
         # A ping is also a pull. Memberships are re-added first (a restarted Redis forgot
         # them, and no poke would reach this socket again), then anything whose poke was lost
-        # goes out on this socket, so the pong's head finds the tab caught up.
+        # goes out on this socket, so the pong's head finds the tab caught up. Each costs a
+        # database read, so a socket's pings are bounded (messaging.throttle).
+        allowed = self.throttle.allow_ping(asyncio.get_running_loop().time())
+        if not allowed:
+            if allowed is False:
+                raise RateLimited("too many pings; one every few seconds is plenty", "rate_limited")
+            return
         if self.last_ack is not None and not self.last_ack.done():
             await asyncio.wait([self.last_ack])
         try:
@@ -396,7 +406,16 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(user_group(self.user.pk), self.channel_name)
 
     async def _on_typing(self, frame: dict) -> None:
-        await self._typing(frame.get("room"))
+        # Relayed to every socket of every other member: bounded per socket and room.
+        room = frame.get("room")
+        allowed = self.throttle.allow_typing(room, asyncio.get_running_loop().time())
+        if not allowed:
+            if allowed is False:
+                raise RateLimited(
+                    "too many typing frames; the excess is dropped, not relayed", "rate_limited"
+                )
+            return
+        await self._typing(room)
 
     _handlers = {"send": _on_send, "ack": _on_ack, "ping": _on_ping, "typing": _on_typing}
 
@@ -533,7 +552,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def clients_deleted(self, event: dict) -> None:
         if self.attached and not self.closing:
-            await self._close(CLOSE_GONE)
+            await self._close(CLOSE_EVICTED if event.get("evicted") else CLOSE_GONE)
 
     # -- sending ------------------------------------------------------------------------------
 

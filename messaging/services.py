@@ -8,8 +8,6 @@ transaction, and connected tabs are poked through the channel layer only after t
 
 import functools
 import logging
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +19,10 @@ from django.utils import timezone
 from clients.errors import Conflict, Forbidden, NotFound, RateLimited
 from clients.models import Client, client_group, user_group
 from clients.push import channel_send_after_commit, group_send_after_commit, group_send_now
-from clients.services import AnyUser, get_own_client, require_user, touch
+from clients.services import AnyUser, get_own_client, lock_user, require_user, touch
 from messaging import batching, conf, validation
 from messaging.models import Delivery, Message, Room
+from messaging.ratelimit import send_rate
 from messaging.wire import message_tail
 
 logger = logging.getLogger(__name__)
@@ -50,46 +49,6 @@ class Pending:
     rows: list[tuple[int, int, str]]
     head: int
     resync_required: bool
-
-
-class _SendRate:
-    """
-    Per-client token buckets (per process) for MESSAGING_SEND_RATE / MESSAGING_SEND_BURST.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buckets: dict[object, tuple[float, float]] = {}
-
-    def take(self, key: object) -> bool:
-        rate = conf.get("MESSAGING_SEND_RATE")
-        if rate is None:
-            return True
-        burst = float(conf.get("MESSAGING_SEND_BURST"))
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(key, (burst, now))
-            tokens = min(burst, tokens + (now - last) * rate)
-            if tokens < 1:
-                self._buckets[key] = (tokens, now)
-                return False
-            self._buckets[key] = (tokens - 1, now)
-            if len(self._buckets) > 50_000:
-                self._prune(now, burst / rate)
-            return True
-
-    def _prune(self, now: float, refill_time: float) -> None:
-        # A bucket idle long enough to be full again is the same as no bucket.
-        idle = [k for k, (_, last) in self._buckets.items() if now - last > refill_time]
-        for key in idle:
-            del self._buckets[key]
-
-    def reset(self) -> None:
-        with self._lock:
-            self._buckets.clear()
-
-
-send_rate = _SendRate()
 
 
 def _uuid_param(value: uuid.UUID | str) -> Any:
@@ -160,22 +119,33 @@ def send_many(requests: list[SendRequest]) -> list[SendResult | Exception]:
     """
     results: list[SendResult | Exception | None] = [None] * len(requests)
     existing = _existing_ids(requests)
-    groups: dict[tuple, list[int]] = {}
-    seen: set[tuple[uuid.UUID, str]] = set()
+    firsts: dict[tuple[uuid.UUID, str], int] = {}  # new sends: their first copy in the batch
     for i, request in enumerate(requests):
         found = existing.get((_uuid_param(request.client_id), request.client_msg_id))
-        key = (request.client_id, request.client_msg_id)
         if found is not None:
             # A retry of a stored message: answered, never rate limited.
             results[i] = SendResult(found, duplicate=True)
-        elif key in seen:
-            # A second copy in this batch (a retry): stored as a duplicate of the first, no token.
-            groups.setdefault(_target_key(request), []).append(i)
-        elif not send_rate.take(request.client_id):
-            results[i] = RateLimited("too many messages; slow down and retry", code="rate_limited")
         else:
-            seen.add(key)
+            firsts.setdefault((request.client_id, request.client_msg_id), i)
+    # One token per new send from its client's bucket and its user's (messaging.ratelimit),
+    # for the whole batch at once.
+    taken = dict(
+        zip(
+            firsts.values(),
+            send_rate.take_many([(k[0], requests[i].owner.pk) for k, i in firsts.items()]),
+            strict=True,
+        )
+    )
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(requests):
+        if results[i] is not None:
+            continue
+        # A second copy in this batch (a retry) shares its first copy's fate and takes no
+        # token: stored as a duplicate of it, or refused with it.
+        if taken[firsts[(request.client_id, request.client_msg_id)]]:
             groups.setdefault(_target_key(request), []).append(i)
+        else:
+            results[i] = RateLimited("too many messages; slow down and retry", code="rate_limited")
     for indexes in groups.values():
         batch = [requests[i] for i in indexes]
         try:
@@ -502,8 +472,17 @@ def create_room(user: AnyUser | None, name: object) -> dict:
     """
     owner = require_user(user)
     clean = validation.room_name(name)
+    limit = conf.get("MESSAGING_MAX_ROOMS_PER_USER")
     try:
         with transaction.atomic():
+            if limit is not None:
+                # Counted under the user lock: concurrent creates of one user cannot overshoot.
+                lock_user(owner.pk)
+                if Room.objects.filter(created_by_id=owner.pk).count() >= limit:
+                    raise Conflict(
+                        f"you have created {limit} rooms, the most one user may create",
+                        code="too_many_rooms",
+                    )
             room = Room.objects.create(name=clean, created_by_id=owner.pk)
             room.members.add(owner.pk)
     except IntegrityError:

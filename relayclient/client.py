@@ -236,9 +236,7 @@ class RelayClient:
                 # Each attempt gets a higher number, kept with the client id: an attempt this
                 # tab gave up on that reaches the server late cannot supersede a newer socket.
                 attempt = self.state["conn"] = int(self.state.get("conn", 0)) + 1
-                url = (
-                    f"{base}/ws/?client_id={self.client_id}&after={self.last_seq}&conn={attempt}"
-                )
+                url = f"{base}/ws/?client_id={self.client_id}&after={self.last_seq}&conn={attempt}"
                 headers = {"Cookie": self.http.cookie_header(), "Origin": self.base_url}
                 async with websockets.connect(
                     url,
@@ -260,6 +258,17 @@ class RelayClient:
                 if self.status == "online":
                     self._down_since = asyncio.get_running_loop().time()
                 self.status = "reconnecting"
+            if code == 4429:
+                # Evicted for a newer client of this user (CLIENTS_MAX_PER_USER). Registering
+                # again at once would evict another live client, which would do the same: stop,
+                # and let the program start() again (that registers a new client).
+                logger.warning(
+                    "client %s evicted for a newer client (4429): stopped", self.client_id
+                )
+                self.state.pop("client_id", None)
+                self._stopping = True
+                self.status = "evicted"
+                return
             try:
                 if code in (4404, 4409):
                     # Deleted, or a duplicated tab whose id another tab holds: become a new tab.
@@ -455,10 +464,7 @@ class RelayClient:
             if status in (200, 201):
                 self._settle(cmid, {"id": body["id"], "duplicate": body["duplicate"]})
             elif (
-                400 <= status < 500
-                and status != 429
-                and isinstance(body, dict)
-                and "error" in body
+                400 <= status < 500 and status != 429 and isinstance(body, dict) and "error" in body
             ):
                 code = body["error"]["code"]
                 if code in PERMANENT:

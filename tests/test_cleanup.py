@@ -80,6 +80,7 @@ def test_dry_run_removes_nothing(alice, settings):
 def test_two_cleanups_at_once_do_not_conflict(alice, settings):
     """Two concurrent runs delete every stale client exactly once between them, without error."""
     settings.CLIENTS_STALE_AFTER = HOUR
+    settings.CLIENTS_MAX_PER_USER = None  # 61 clients of one user
     ids = {make(alice, seen_ago=2 * HOUR) for _ in range(60)}
     keep = make(alice, connected=True, seen_ago=5 * HOUR)
     results, errors = [], []

@@ -448,9 +448,11 @@ class WsWorld:
 @pytest.fixture
 async def ws_world(alice, bob, settings):
     """
-    Three connected tabs; the send rate limit is off since every example sends one message.
+    Three connected tabs; the send, ping and typing bounds are off since the examples share
+    one socket (tests/test_bounds.py tests those).
     """
-    settings.MESSAGING_SEND_RATE = None
+    settings.MESSAGING_SEND_RATE = settings.MESSAGING_USER_SEND_RATE = None
+    settings.MESSAGING_PING_RATE = settings.MESSAGING_TYPING_INTERVAL = None
     await _make_rooms(alice, bob)
     a1, a2, b1 = await _clients(alice, bob)
     world = WsWorld(

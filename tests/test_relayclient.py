@@ -13,7 +13,7 @@ USERS = ("alice", "bob")
 
 @pytest.fixture
 def deployment(tmp_path):
-    dep = Deployment(tmp_path, MESSAGING_SEND_RATE="None")
+    dep = Deployment(tmp_path, MESSAGING_SEND_RATE="None", MESSAGING_USER_SEND_RATE="None")
     dep.populate({name: f"{name}-pass-1" for name in USERS}, {"hall": list(USERS)})
     yield dep
     dep.close()
@@ -197,3 +197,27 @@ async def test_an_ack_the_server_could_not_write_is_sent_again():
     await until(lambda: sent, timeout=2)
     assert sent == ['{"type": "ack", "seq": 7}']
     assert client._acked == 7
+
+
+async def test_a_client_evicted_for_a_newer_one_stops_instead_of_evicting_back(tmp_path):
+    """Past CLIENTS_MAX_PER_USER the oldest live client is closed with 4429: it stops (status
+    evicted) rather than register again and evict another, and start() brings it back."""
+    dep = Deployment(tmp_path, CLIENTS_MAX_PER_USER="1")
+    try:
+        dep.populate({"alice": "alice-pass-1"}, {})
+        server = dep.start()
+        (old, _), (new, _) = tab(server, "alice"), tab(server, "alice")
+        await old.start()
+        await until(lambda: old.status == "online")
+        await new.start()
+        await until(lambda: old.status == "evicted")
+        await until(lambda: new.status == "online")
+        await asyncio.sleep(0.5)
+        assert new.status == "online" and old.status == "evicted" and old.client_id is None
+        await old.stop()
+        await old.start()
+        await until(lambda: old.status == "online" and new.status == "evicted")
+        await old.stop()
+        await new.stop()
+    finally:
+        dep.close()

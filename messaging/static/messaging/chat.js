@@ -12,6 +12,7 @@ const STATE_LABELS = {
   online: "Online",
   reconnecting: "Reconnecting…",
   offline: "Offline",
+  evicted: "Paused",
 };
 const TYPING_SHOWN_MS = 4000;
 const TYPING_SEND_EVERY_MS = 2500;
@@ -478,6 +479,9 @@ relay.on("state", ({ state, previous }) => {
   if (previous === "online") online.clear();
   renderState();
   if (state === "online") showBanner(null);
+  if (state === "evicted") {
+    showBanner("Paused: you have more tabs open than the server keeps. Send a message to use this tab again.");
+  }
 });
 
 relay.on("message", (message) => {

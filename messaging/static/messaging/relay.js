@@ -78,6 +78,7 @@ export class RelayClient {
     this.online = false; // a hello arrived on the current socket
     this.stopped = true;
     this.hidden = false; // between pagehide and pageshow
+    this.evicted = false; // closed with 4429: waits for send() or resume() before registering again
     this.attempt = 0;
     this.downSince = Date.now();
     this.resyncing = false;
@@ -132,8 +133,17 @@ export class RelayClient {
     this.outbox.push(entry);
     this._saveOutbox();
     this._emit("pending", { ...entry });
+    if (this.evicted) this.resume();
     this._trySend(entry);
     return entry.client_msg_id;
+  }
+
+  /** After an eviction (state "evicted", close code 4429): register a new client and reconnect. */
+  resume() {
+    if (!this.evicted || this.stopped) return Promise.resolve();
+    this.evicted = false;
+    this._setState("reconnecting");
+    return this._replaceClient("evicted");
   }
 
   /** Tell the other members of `room` that this user is typing (ephemeral; dropped when offline). */
@@ -302,6 +312,15 @@ export class RelayClient {
       );
       this._setState("reconnecting");
       this._replaceClient("duplicated");
+    } else if (code === 4429) {
+      // Evicted for a newer tab of this user (the server keeps CLIENTS_MAX_PER_USER). Registering
+      // again at once would evict another live tab, which would do the same: this tab waits
+      // until it is used again (send() or resume()). Its outbox is kept and sent then.
+      console.info(`relay: client ${this.clientId} evicted for a newer tab (4429)`);
+      this.clientId = null;
+      this._storageRemove("client");
+      this.evicted = true;
+      this._setState("evicted");
     } else if (code === 4404 || code === 4403 || code === 4400) {
       console.info(`relay: client ${this.clientId} refused (${code}); registering a new client`);
       this._setState("reconnecting");
