@@ -518,8 +518,12 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def clients_kick(self, event: dict) -> None:
         # An operator disconnected this socket: 1012 (service restart) tells the tab to come back.
+        # daphne's autobahn refuses 1012 from an application (the tab saw 1011): under daphne
+        # the close frame goes through autobahn's close handshake directly.
         if self.attached and not self.closing:
-            await self._close(CLOSE_KICKED)
+            self.closing = True
+            if not frames.close_with(self.base_send, CLOSE_KICKED):
+                await self.close(code=CLOSE_KICKED)
 
     async def clients_supersede(self, event: dict) -> None:
         if self.attached and not self.closing:
