@@ -16,7 +16,7 @@ from django.contrib.sessions.models import Session as SessionRow
 from django.test import Client as HttpClient
 
 from chatproject.asgi import application
-from tests.conftest import ORIGIN, TIMEOUT, Tab, new_client
+from tests.conftest import HOST, ORIGIN, TIMEOUT, Tab, new_client
 from tests.servers import Deployment, Session
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,7 +34,7 @@ def logged_in(user) -> HttpClient:
 async def tab_of(http: HttpClient, client_id: str) -> Tab:
     """A socket opened with the session of `http`, its hello read."""
     cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
-    headers = [(b"origin", ORIGIN), (b"cookie", cookie)]
+    headers = [HOST, (b"origin", ORIGIN), (b"cookie", cookie)]
     comm = WebsocketCommunicator(application, f"/ws/?client_id={client_id}", headers=headers)
     connected, _ = await comm.connect(timeout=TIMEOUT)
     assert connected
