@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 Credentials = tuple[Any, str]  # (user pk, session key) of one socket
 
+# Keys per query: well under SQLite's and PostgreSQL's limits on parameters.
+CHUNK = 500
+
 # Session engines whose sessions all live in the django_session table (cached_db writes through
 # to it and deletes from it): one query reads any number of them.
 _DB_ENGINES = {"django.contrib.sessions.backends.db", "django.contrib.sessions.backends.cached_db"}
@@ -51,11 +54,16 @@ def session_digest(session_key: str | None) -> str:
 def _session_data(keys: set[str]) -> dict[str, dict]:
     engine = settings.SESSION_ENGINE
     store_class = import_module(engine).SessionStore
+    found: dict[str, dict] = {}
     if engine in _DB_ENGINES:
-        rows = Session.objects.filter(session_key__in=keys, expire_date__gt=timezone.now())
-        decode = store_class().decode
-        return {key: decode(data) for key, data in rows.values_list("session_key", "session_data")}
-    found = {}
+        decode, now, ordered = store_class().decode, timezone.now(), sorted(keys)
+        for start in range(0, len(ordered), CHUNK):
+            rows = Session.objects.filter(
+                session_key__in=ordered[start : start + CHUNK], expire_date__gt=now
+            )
+            for key, data in rows.values_list("session_key", "session_data"):
+                found[key] = decode(data)
+        return found
     for key in keys:
         data = store_class(session_key=key).load()
         if data:
@@ -83,12 +91,16 @@ def _holds(user: Any, data: dict) -> bool:
 def revoked_among(credentials: Iterable[Credentials]) -> set[Credentials]:
     """
     The (user pk, session key) pairs whose session no longer logs that user in: logged out,
-    expired, another password, an inactive or deleted user. Two queries for any number.
+    expired, another password, an inactive or deleted user. Two queries per 500 sockets.
     """
     wanted = set(credentials)
     if not wanted:
         return set()
-    users = {u.pk: u for u in get_user_model().objects.filter(pk__in={pk for pk, _ in wanted})}
+    pks = sorted({pk for pk, _ in wanted})
+    users = {}
+    for start in range(0, len(pks), CHUNK):
+        for user in get_user_model().objects.filter(pk__in=pks[start : start + CHUNK]):
+            users[user.pk] = user
     sessions = _session_data({key for _, key in wanted})
     return {
         (pk, key)

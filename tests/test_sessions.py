@@ -16,7 +16,8 @@ from django.contrib.sessions.models import Session as SessionRow
 from django.test import Client as HttpClient
 
 from chatproject.asgi import application
-from tests.conftest import HOST, ORIGIN, TIMEOUT, Tab, new_client
+from clients import sessions as client_sessions
+from tests.conftest import HOST, ORIGIN, TIMEOUT, Tab, make_user, new_client
 from tests.servers import Deployment, Session
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -170,3 +171,21 @@ async def closed_with(ws, timeout: float) -> int | None:
         while True:
             await asyncio.wait_for(ws.recv(), timeout)
     return closed.value.rcvd.code if closed.value.rcvd else None
+
+
+def test_revoked_among_tells_each_kind_of_revoked_session(
+    monkeypatch, django_assert_max_num_queries
+):
+    """One batch check names exactly the sessions that no longer log their user in."""
+    monkeypatch.setattr(client_sessions, "CHUNK", 2)
+    users = [make_user(f"u{i}") for i in range(5)]
+    creds = [(u.pk, logged_in(u).cookies["sessionid"].value) for u in users]
+    SessionRow.objects.filter(session_key=creds[0][1]).delete()  # logged out
+    users[1].set_password("changed-pw-1")
+    users[1].save()
+    get_user_model().objects.filter(pk=users[2].pk).update(is_active=False)
+    users[3].delete()
+    wrong_user = (users[0].pk, creds[4][1])  # a session of another user
+    with django_assert_max_num_queries(6):
+        revoked = client_sessions.revoked_among([*creds, wrong_user])
+    assert revoked == {creds[0], creds[1], creds[2], creds[3], wrong_user}
