@@ -239,7 +239,10 @@ class RelayClient:
                 url = (
                     f"{base}/ws/?client_id={self.client_id}&after={self.last_seq}&conn={attempt}"
                 )
-                headers = {"Cookie": self.http.cookie_header(), "Origin": self.base_url}
+                # The Origin of the server this socket goes to, as a page served by it would
+                # send (the server compares scheme, host and port).
+                origin = "http" + base[2:]
+                headers = {"Cookie": self.http.cookie_header(), "Origin": origin}
                 async with websockets.connect(
                     url,
                     additional_headers=headers,

@@ -146,7 +146,7 @@ async def test_logout_on_one_process_closes_the_socket_on_another(tmp_path):
             status, created = session.request("POST", "/api/clients/")
             assert status == 201
             url = f"{b.ws_url}/ws/?client_id={created['client_id']}"
-            ws = await websockets.connect(url, additional_headers=session.ws_headers())
+            ws = await websockets.connect(url, additional_headers=session.ws_headers(b.base_url))
             assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "hello"
             sockets.append(ws)
         status, _ = first.request("POST", "/accounts/logout/")
