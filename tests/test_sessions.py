@@ -17,6 +17,7 @@ from django.test import Client as HttpClient
 
 from chatproject.asgi import application
 from clients import sessions as client_sessions
+from clients.checks import check_settings
 from tests.conftest import HOST, ORIGIN, TIMEOUT, Tab, make_user, new_client
 from tests.servers import Deployment, Session
 
@@ -189,3 +190,10 @@ def test_revoked_among_tells_each_kind_of_revoked_session(
     with django_assert_max_num_queries(6):
         revoked = client_sessions.revoked_among([*creds, wrong_user])
     assert revoked == {creds[0], creds[1], creds[2], creds[3], wrong_user}
+
+
+def test_a_negative_recheck_interval_is_a_system_check_error(settings):
+    """CLIENTS_SESSION_CHECK_INTERVAL below 0 is refused at start-up (clients.E001)."""
+    settings.CLIENTS_SESSION_CHECK_INTERVAL = -1
+    (error,) = check_settings()
+    assert error.id == "clients.E001" and "CLIENTS_SESSION_CHECK_INTERVAL" in error.msg
