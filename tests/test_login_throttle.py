@@ -3,10 +3,13 @@ Login throttling: failed logins lock out the account and the address for a while
 password included, with a clear answer; normal use is never locked out.
 """
 
+import urllib.error
+
 import pytest
 from django.test import Client as HttpClient
 
 from tests.conftest import make_user
+from tests.servers import Deployment, Session
 
 pytestmark = pytest.mark.django_db
 
@@ -102,3 +105,23 @@ def test_forwarded_for_counts_only_behind_a_configured_proxy(settings):
     assert attempt("alice", "pw-alice", address="10.0.8.1", HTTP_X_FORWARDED_FOR="10.0.9.2")[
         :2
     ] == (302, True)
+
+
+def test_lockout_holds_across_real_server_processes(tmp_path):
+    """Through two real daphne processes (ASGI): failures on one lock the account on the other."""
+    deployment = Deployment(tmp_path)
+    try:
+        deployment.create_user("dora", "dora-pass-1")
+        a, b = deployment.start(), deployment.start()
+        for _ in range(4):
+            with pytest.raises(PermissionError):
+                Session(a.base_url).login("dora", "wrong")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            Session(a.base_url).login("dora", "wrong")
+        assert refused.value.code == 429
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            Session(b.base_url).login("dora", "dora-pass-1")
+        assert refused.value.code == 429
+        assert "Too many failed logins" in refused.value.read().decode()
+    finally:
+        deployment.close()
