@@ -13,10 +13,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from chatproject.middleware import SocketAuthMiddlewareStack  # noqa: E402
+from chatproject.middleware import CsrfOriginValidator, SocketAuthMiddlewareStack  # noqa: E402
 from chatproject.routing import websocket_urlpatterns  # noqa: E402
 from clients.scheduler import BackgroundTasks  # noqa: E402
 
@@ -29,7 +28,9 @@ if settings.SERVE_STATIC:
 router = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(
+        # The Origin as Django's CSRF check compares it (scheme, host and port), not channels'
+        # AllowedHostsOriginValidator (host name only).
+        "websocket": CsrfOriginValidator(
             SocketAuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
     }

@@ -8,6 +8,7 @@ layer when unset), DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS.
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -74,6 +75,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
     "clients",
     "messaging",
 ]
@@ -86,7 +88,32 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into chatproject.lockout's answer.
+    "axes.middleware.AxesMiddleware",
 ]
+
+AUTHENTICATION_BACKENDS = [
+    # First: refuses any login (the right password too) while its account or address is locked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# Login throttling (django-axes; docs/security.md). After AXES_FAILURE_LIMIT failed logins for
+# one username, or from one address, within AXES_COOLOFF_TIME, logins of that username and from
+# that address are refused until the failures are that old. Attempts live in the database, so
+# every process counts them. A successful login clears the failures of that username from that
+# address only (not all of the address's: a user could wipe the count of the accounts it guesses).
+AXES_FAILURE_LIMIT = int(os.environ.get("LOGIN_FAILURE_LIMIT", "5"))
+AXES_COOLOFF_TIME = timedelta(seconds=float(os.environ.get("LOGIN_COOLOFF_SECONDS", "900")))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_HANDLER = "chatproject.lockout.LoginAttempts"
+AXES_LOCKOUT_CALLABLE = "chatproject.lockout.locked_out"
+AXES_CLIENT_IP_CALLABLE = "chatproject.lockout.client_ip"
+AXES_DISABLE_ACCESS_LOG = True  # no table row per successful login
+# Proxies in front that append to X-Forwarded-For (nginx: 1). 0: the address is the peer's own,
+# and X-Forwarded-For (which anyone can send) is ignored.
+AXES_IPWARE_PROXY_COUNT = int(os.environ.get("DJANGO_PROXY_COUNT", "0"))
 
 ROOT_URLCONF = "chatproject.urls"
 CSRF_FAILURE_VIEW = "messaging.views.csrf_failure"

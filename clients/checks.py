@@ -13,7 +13,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     Reject timeouts that would delete live tabs or never delete dead ones.
     """
     errors = []
-    for name in ("CLIENTS_STALE_AFTER", "CLIENTS_CLOSE_GRACE", "CLIENTS_CLEANUP_INTERVAL"):
+    for name in (
+        "CLIENTS_STALE_AFTER",
+        "CLIENTS_CLOSE_GRACE",
+        "CLIENTS_CLEANUP_INTERVAL",
+        "CLIENTS_SESSION_CHECK_INTERVAL",
+    ):
         value = conf.get(name)
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             errors.append(

@@ -19,6 +19,11 @@ DEFAULTS: dict[str, Any] = {
     # (its sockets are then marked disconnected).
     "CLIENTS_HEARTBEAT_INTERVAL": 10,
     "CLIENTS_PROCESS_TIMEOUT": 45,
+    # Seconds between a process's re-checks of its open sockets' login sessions (one batch); a
+    # socket whose session was logged out, or whose user changed password or was deactivated,
+    # closes with 4401 by then at the latest (at once when the channel layer's event arrives).
+    # 0 turns the periodic re-check off.
+    "CLIENTS_SESSION_CHECK_INTERVAL": 5,
     # last_seen is written at most this often (seconds) for HTTP activity.
     "CLIENTS_TOUCH_INTERVAL": 30,
     # Most clients (tabs) one user may have; registering one more evicts the least recently

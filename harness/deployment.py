@@ -9,6 +9,7 @@ With `own_redis=True` it starts a private redis-server instead, which the chaos 
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -53,8 +54,17 @@ def _migrations_key() -> str:
     """
     import django
 
+    from chatproject import settings
+
     digest = hashlib.sha1(django.get_version().encode())
-    for path in sorted(ROOT.glob("*/migrations/*.py")):
+    paths = sorted(ROOT.glob("*/migrations/*.py"))
+    # Installed third-party apps' migrations too (django-axes's tables).
+    for app in settings.INSTALLED_APPS:
+        spec = importlib.util.find_spec(app)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if Path(location).resolve().parent != ROOT:  # not one of ours, globbed above
+                paths.extend(sorted(Path(location).glob("migrations/*.py")))
+    for path in paths:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -101,8 +111,19 @@ class RedisServer:
         Start (again) on the same port.
         """
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--loglevel", "warning"],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
         )
@@ -367,4 +388,3 @@ class Deployment:
             keys = list(conn.scan_iter(f"{self.env['REDIS_PREFIX']}*"))
             if keys:
                 conn.delete(*keys)
-

@@ -24,6 +24,7 @@ from django.db import InterfaceError, OperationalError, connections
 
 from clients import push
 from clients import services as client_services
+from clients import sessions as client_sessions
 from clients.errors import Malformed, RateLimited, ServiceError
 from clients.models import client_group, user_group
 from messaging import acks, batching, conf, frames, sends, services, throttle, validation
@@ -83,6 +84,7 @@ CLOSE_GONE = 4404
 # the tab must not register again by itself, or live tabs past the bound would evict each other.
 CLOSE_EVICTED = 4429
 CLOSE_KICKED = 1012
+CLOSE_LOGGED_OUT = 4401
 _MISSING = object()
 
 
@@ -181,6 +183,8 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     _flush_again = False
     _queue: asyncio.Queue | None = None  # the socket's queue of messages, when _dispatch_all runs
     _holds_router = False  # counted as an owner of this loop's router (push.start_router)
+    _session_digest = ""  # names the socket's login session in clients.logout events
+    _watch: client_sessions.SessionWatch | None = None  # re-checks that session (clients.sessions)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -240,6 +244,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             await self._close(TRY_AGAIN_LATER)
             return
         client = attachment.client
+        self._watch_session()
         await self._send_json({"type": "hello", "client_id": str(client.id), "head": client.head})
         self._loop = asyncio.get_running_loop()
         push.local_receivers[self.channel_name] = self.take_poke
@@ -295,6 +300,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             if self._holds_router:
                 self._holds_router = False
                 push.stop_router()
+            self._unwatch_session()
             if self.attached:
                 # The consumer died without a disconnect (its channel layer failed under it,
                 # and daphne closes the socket with 1011): free the client all the same, or it
@@ -305,6 +311,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self._stop_taking_pokes()
+        self._unwatch_session()
         if self._flushing is not None:
             self._flushing.cancel()
         if not self.attached:
@@ -321,6 +328,25 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     def _stop_taking_pokes(self) -> None:
         if push.local_receivers.get(self.channel_name) == self.take_poke:
             del push.local_receivers[self.channel_name]
+
+    def _watch_session(self) -> None:
+        # Logout, a password change or deactivation close the socket (clients.sessions): at
+        # once through the user's group, at the latest at this process's next re-check.
+        key = getattr(self.scope.get("session"), "session_key", None) or ""
+        self._session_digest = client_sessions.session_digest(key)
+        self._watch = batching.of_this_loop(client_sessions.SessionWatch, _db)
+        self._watch.add(self, (self.user.pk, key), self._session_revoked)
+
+    def _unwatch_session(self) -> None:
+        if self._watch is not None:
+            self._watch.discard(self)
+
+    def _session_revoked(self) -> None:
+        event = {"type": "clients.revoked"}
+        if self._queue is not None:
+            self._queue.put_nowait(event)  # in turn with this consumer's handlers
+        else:
+            _background_task(self.clients_revoked(event))
 
     async def _close(self, code: int) -> None:
         self.closing = True
@@ -542,8 +568,12 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def clients_kick(self, event: dict) -> None:
         # An operator disconnected this socket: 1012 (service restart) tells the tab to come back.
+        # daphne's autobahn refuses 1012 from an application (the tab saw 1011): under daphne
+        # the close frame goes through autobahn's close handshake directly.
         if self.attached and not self.closing:
-            await self._close(CLOSE_KICKED)
+            self.closing = True
+            if not frames.close_with(self.base_send, CLOSE_KICKED):
+                await self.close(code=CLOSE_KICKED)
 
     async def clients_supersede(self, event: dict) -> None:
         if self.attached and not self.closing:
@@ -553,6 +583,23 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
     async def clients_deleted(self, event: dict) -> None:
         if self.attached and not self.closing:
             await self._close(CLOSE_EVICTED if event.get("evicted") else CLOSE_GONE)
+
+    async def clients_logout(self, event: dict) -> None:
+        # Sent to all of the user's sockets; only those opened with that session close.
+        if self.attached and not self.closing and event.get("session") == self._session_digest:
+            logger.info("client %s closed: its session logged out", self.client_id)
+            await self._close(CLOSE_LOGGED_OUT)
+
+    async def clients_reauth(self, event: dict) -> None:
+        # The user's password or is_active may have changed: this process re-checks its
+        # sockets' sessions now, in one batch.
+        if self._watch is not None:
+            self._watch.check_soon()
+
+    async def clients_revoked(self, event: dict) -> None:
+        if self.attached and not self.closing:
+            logger.info("client %s closed: its session no longer logs in", self.client_id)
+            await self._close(CLOSE_LOGGED_OUT)
 
     # -- sending ------------------------------------------------------------------------------
 

@@ -208,6 +208,33 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
+def close_with(send: Any, code: int) -> bool:
+    """
+    Close the daphne connection behind this ASGI `send` with `code` through autobahn's close
+    handshake; False if `send` is not daphne's (the caller closes the ASGI way).
+
+    For the RFC 6455 codes a server may send but autobahn refuses from an application (only 1000
+    and 3000-4999 pass its sendClose): daphne turns the refusal into an error of the consumer and
+    the tab sees 1011 instead, e.g. 1012 (service restart) for an operator's disconnect.
+    """
+    protocol = _handled_by(send)
+    close_frame = getattr(protocol, "sendCloseFrame", None)
+    if close_frame is None:
+        return False
+    if protocol.state == protocol.STATE_OPEN:
+        close_frame(code=code, isReply=False)
+    return True
+
+
+def _handled_by(send: Any) -> Any:
+    # daphne passes `functools.partial(server.handle_reply, protocol)` as a connection's send.
+    if not isinstance(send, functools.partial) or len(send.args) != 1:
+        return None
+    if getattr(send.func, "__qualname__", "") != "Server.handle_reply":
+        return None
+    return send.args[0]
+
+
 def _daphne_protocol(send: Any) -> Any:
     # daphne passes `functools.partial(server.handle_reply, protocol)` as a connection's send.
     if not isinstance(send, functools.partial) or len(send.args) != 1:

@@ -236,8 +236,13 @@ class RelayClient:
                 # Each attempt gets a higher number, kept with the client id: an attempt this
                 # tab gave up on that reaches the server late cannot supersede a newer socket.
                 attempt = self.state["conn"] = int(self.state.get("conn", 0)) + 1
-                url = f"{base}/ws/?client_id={self.client_id}&after={self.last_seq}&conn={attempt}"
-                headers = {"Cookie": self.http.cookie_header(), "Origin": self.base_url}
+                url = (
+                    f"{base}/ws/?client_id={self.client_id}&after={self.last_seq}&conn={attempt}"
+                )
+                # The Origin of the server this socket goes to, as a page served by it would
+                # send (the server compares scheme, host and port).
+                origin = "http" + base[2:]
+                headers = {"Cookie": self.http.cookie_header(), "Origin": origin}
                 async with websockets.connect(
                     url,
                     additional_headers=headers,

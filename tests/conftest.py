@@ -33,6 +33,7 @@ django_settings.DATABASES["default"].get("OPTIONS", {}).pop("pool", None)
 django_settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 ORIGIN = b"http://localhost"
+HOST = (b"host", b"localhost")  # what a browser on ORIGIN sends: the Origin check compares both
 TIMEOUT = 5
 
 
@@ -188,7 +189,7 @@ class Tab:
 
 
 async def open_ws(user, query: str, *, origin: bytes | None = ORIGIN) -> WebsocketCommunicator:
-    headers = []
+    headers = [HOST]
     if origin is not None:
         headers.append((b"origin", origin))
     if user is not None:

@@ -17,5 +17,9 @@ class Session(HttpSession):
     request = HttpSession.request_sync  # type: ignore[assignment]
     login = HttpSession.login_sync  # type: ignore[assignment]
 
-    def ws_headers(self) -> dict[str, str]:
-        return {"Cookie": self.cookie_header(), "Origin": self.base_url}
+    def ws_headers(self, origin: str | None = None) -> dict[str, str]:
+        """
+        The handshake headers of a page on `origin` (default: the session's server; a socket to
+        another server of the deployment needs that server's own origin).
+        """
+        return {"Cookie": self.cookie_header(), "Origin": origin or self.base_url}

@@ -54,7 +54,8 @@ class Tab:
 
     async def connect(self, server) -> dict:
         url = f"{server.ws_url}/ws/?client_id={self.client_id}&after={self.last_seq}"
-        self.ws = await websockets.connect(url, additional_headers=self.session.ws_headers())
+        headers = self.session.ws_headers(server.base_url)
+        self.ws = await websockets.connect(url, additional_headers=headers)
         return await self.recv()
 
     async def recv(self, timeout: float = 10) -> dict:

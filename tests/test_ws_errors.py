@@ -13,6 +13,7 @@ from chatproject.asgi import application
 from clients.models import Client
 from messaging.models import Delivery, Message
 from tests.conftest import (
+    HOST,
     ORIGIN,
     TIMEOUT,
     api_post,
@@ -141,7 +142,7 @@ async def handshake(user, query: str, origin: bytes | None) -> tuple[bool, objec
     Open a socket with the given Origin header (None: no header); return (accepted, code or
     subprotocol, communicator).
     """
-    headers = [] if origin is None else [(b"origin", origin)]
+    headers = [HOST] + ([] if origin is None else [(b"origin", origin)])
     if user is not None:
         cookie = await database_sync_to_async(session_cookie)(user)
         headers.append((b"cookie", cookie.encode()))
@@ -167,7 +168,7 @@ async def test_invalid_session_cookie_is_refused_with_4401(alice):
     comm = WebsocketCommunicator(
         application,
         f"/ws/?client_id={cid}",
-        headers=[(b"origin", ORIGIN), (b"cookie", b"sessionid=not-a-real-session")],
+        headers=[HOST, (b"origin", ORIGIN), (b"cookie", b"sessionid=not-a-real-session")],
     )
     accepted, _ = await comm.connect(timeout=TIMEOUT)
     assert accepted
@@ -321,14 +322,70 @@ async def test_foreign_or_missing_origin_is_refused_at_the_handshake(alice, orig
     assert await channel_of(cid) == ""
 
 
-@pytest.mark.parametrize("origin", [b"http://localhost:8000", b"https://127.0.0.1", ORIGIN])
-async def test_allowed_origin_host_on_any_port_is_accepted(alice, origin):
-    """The Origin check compares host names only: an allowed host on any port connects."""
+@pytest.mark.parametrize(
+    "origin",
+    [
+        b"http://127.0.0.1:1",
+        b"https://localhost",
+        b"https://localhost:8000",
+        b"http://localhost:9",
+        b"http://127.0.0.1",
+        b"ws://localhost",
+    ],
+)
+async def test_origin_of_another_scheme_or_port_is_refused(alice, origin):
+    """The Origin must be this site's scheme://host[:port] (as Django's CSRF check compares it):
+    an allowed host name on another scheme or port gets no socket."""
     cid = await new_client(alice)
     accepted, _, comm = await handshake(alice, f"client_id={cid}", origin)
+    assert accepted is False
+    await comm.disconnect()
+    assert await channel_of(cid) == ""
+
+
+@pytest.mark.parametrize(
+    ("host", "origin", "scheme", "forwarded"),
+    [
+        (b"localhost", ORIGIN, "ws", None),
+        (b"localhost:8000", b"http://localhost:8000", "ws", None),
+        (b"127.0.0.1:8443", b"https://127.0.0.1:8443", "wss", None),
+        (b"localhost", b"https://localhost", "ws", b"https"),  # behind the TLS proxy
+        (b"localhost", b"https://app.example", "ws", None),  # CSRF_TRUSTED_ORIGINS
+        (b"localhost", b"https://tab.sub.example:8443", "ws", None),  # a wildcard entry
+    ],
+)
+async def test_origin_of_this_site_or_a_trusted_one_is_accepted(
+    alice, settings, host, origin, scheme, forwarded
+):
+    """The request's own scheme://host[:port] (https behind SECURE_PROXY_SSL_HEADER) and the
+    CSRF_TRUSTED_ORIGINS entries connect."""
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example", "https://*.sub.example:8443"]
+    cid = await new_client(alice)
+    cookie = await database_sync_to_async(session_cookie)(alice)
+    headers = [(b"host", host), (b"origin", origin), (b"cookie", cookie.encode())]
+    if forwarded is not None:
+        headers.append((b"x-forwarded-proto", forwarded))
+    comm = WebsocketCommunicator(application, f"/ws/?client_id={cid}", headers=headers)
+    comm.scope["scheme"] = scheme
+    accepted, _ = await comm.connect(timeout=TIMEOUT)
     assert accepted is True
-    hello = await comm.receive_json_from(TIMEOUT)
-    assert hello == {"type": "hello", "client_id": cid, "head": 0}
+    assert await comm.receive_json_from(TIMEOUT) == {"type": "hello", "client_id": cid, "head": 0}
+    await comm.disconnect()
+
+
+async def test_host_outside_allowed_hosts_is_refused_even_with_a_matching_origin(alice):
+    """A Host not in ALLOWED_HOSTS gets no socket, whatever its Origin says."""
+    cid = await new_client(alice)
+    cookie = await database_sync_to_async(session_cookie)(alice)
+    headers = [
+        (b"host", b"evil.example"),
+        (b"origin", b"http://evil.example"),
+        (b"cookie", cookie.encode()),
+    ]
+    comm = WebsocketCommunicator(application, f"/ws/?client_id={cid}", headers=headers)
+    accepted, _ = await comm.connect(timeout=TIMEOUT)
+    assert accepted is False
     await comm.disconnect()
 
 
