@@ -184,7 +184,7 @@ if os.environ.get("REDIS_URL"):
                 # exactly channels-redis's blocking BZPOPMIN of 5 s (idle sockets died with
                 # 1011); and with any read timeout, a cancelled receive() now and then does not
                 # end: the cancellation becomes a read timeout, which redis-py retries, and
-                # channels-redis pops again (tests/test_layers.py). Reads stay bounded by the
+                # channels-redis pops again (tests/test_loop_shutdown.py). Reads stay bounded by the
                 # server's 5 s pop; a dead peer is found by TCP keepalive.
                 "hosts": [
                     {
