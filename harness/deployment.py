@@ -10,6 +10,7 @@ With `own_redis=True` it starts a private redis-server instead, which the chaos 
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +46,14 @@ def _pg_admin(url: str, sql: str, *params: object) -> list:
 
 
 FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+
+
+def ensure_secret_key() -> str:
+    """
+    DJANGO_SECRET_KEY of this process, made up (random) when unset: the settings refuse to start
+    without one, and a throwaway deployment needs no fixed key.
+    """
+    return os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
 
 
 def _migrations_key() -> str:
@@ -178,6 +187,7 @@ class Deployment:
         self.workdir = workdir
         self.redis: RedisServer | None = None
         self.servers: list[Server] = []
+        ensure_secret_key()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
         self.env.update({"DJANGO_DEBUG": "0", "LOG_LEVEL": "INFO", **settings})
         # Throwaway users: PBKDF2 would cost each login and each created user half a second.
