@@ -323,9 +323,15 @@ class Deployment:
         )
         return sum(1 for (done,) in rows if done)
 
-    def start(self, port: int | None = None, app: str = "chatproject.asgi:application") -> Server:
+    def start(
+        self,
+        port: int | None = None,
+        app: str = "chatproject.asgi:application",
+        daphne_args: tuple[str, ...] = (),
+    ) -> Server:
         """
-        Start one daphne process serving `app` (on `port`, or a free one) and wait until it listens.
+        Start one daphne process serving `app` (on `port`, or a free one, with `daphne_args`)
+        and wait until it listens.
         """
         port = port or free_port()
         log = self.workdir / f"daphne-{port}-{len(self.servers)}.log"
@@ -338,6 +344,7 @@ class Deployment:
                 "127.0.0.1",
                 "-p",
                 str(port),
+                *daphne_args,
                 app,
             ],
             cwd=ROOT,
