@@ -1,5 +1,5 @@
 """The documented production shape (docs/deployment.md): nginx with deploy/nginx.conf, over TLS, in
-front of daphne as deploy/tabrelay.service runs it, with deploy/production.env. Hostile bodies are
+front of daphne as deploy/tabrelay@.service runs it, with deploy/production.env. Hostile bodies are
 refused by nginx before they are read, and nobody else waits for them.
 
 nginx comes from Debian's package (scripts/deploy-deps, called by scripts/test). Without it these
@@ -29,7 +29,7 @@ from tests.test_safe_defaults import PRODUCTION_ENV, ROOT, env_file
 
 NGINX = os.environ.get("NGINX_PATH", "/usr/sbin/nginx")
 NGINX_SITE = ROOT / "deploy" / "nginx.conf"
-UNIT = ROOT / "deploy" / "tabrelay.service"
+UNIT = ROOT / "deploy" / "tabrelay@.service"
 PASSWORD = "dora-pass-1"
 MiB = 1024 * 1024
 # How long the hostile clients keep sending while others are timed.
@@ -60,7 +60,7 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path) -> None:
 
 def unit_daphne_args() -> tuple[str, ...]:
     """
-    The daphne options of deploy/tabrelay.service, less its address (the test picks a port).
+    The daphne options of deploy/tabrelay@.service, less its address (the test picks a port).
     """
     line = next(x for x in UNIT.read_text().splitlines() if x.startswith("ExecStart="))
     words = line.split()
