@@ -15,6 +15,7 @@ from messaging.views import bad_request
 logger = logging.getLogger(__name__)
 
 FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+UNREADABLE = (SuspiciousOperation, BadRequest, MultiPartParserError)
 
 
 class RefuseUnreadableRequests:
@@ -28,19 +29,29 @@ class RefuseUnreadableRequests:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        # Checked here, as the middleware after this one reads them outside any view: the Host
+        # (SecurityMiddleware, CommonMiddleware) and a form body (the CSRF check). The JSON API
+        # refuses form bodies itself, after its login check (401 first).
         try:
             request.get_host()
-            request.GET  # noqa: B018 - parsing it is the check (DATA_UPLOAD_MAX_NUMBER_FIELDS)
-            request.COOKIES  # noqa: B018
-            # The JSON API refuses form bodies itself, after its login check (401 first); the
-            # login and admin forms would parse them in the CSRF check.
             if (
                 request.method == "POST"
                 and request.content_type in FORMS
                 and not request.path.startswith("/api/")
             ):
-                request.POST  # noqa: B018
-        except (SuspiciousOperation, BadRequest, MultiPartParserError) as exc:
-            logger.warning("bad request %s: %s: %s", request.path, type(exc).__name__, exc)
-            return bad_request(request, exc)
+                request.POST  # noqa: B018 - parsing it is the check
+        except UNREADABLE as exc:
+            return self._refuse(request, exc)
         return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """
+        The same answer when a view is the first to read the data (e.g. its query string).
+        """
+        if not isinstance(exception, UNREADABLE):
+            return None
+        return self._refuse(request, exception)
+
+    def _refuse(self, request: HttpRequest, exception: Exception) -> HttpResponse:
+        logger.warning("bad request %s: %s: %s", request.path, type(exception).__name__, exception)
+        return bad_request(request, exception)
