@@ -359,6 +359,20 @@ def heads(stack: Stack, session: str) -> dict[str, tuple[str, Iterator[bytes], i
             plain(1024 * MiB, b"[" * 64 * 1024),
             413,
         ),
+        # A form to twisted.web's parser, though no "multipart" is spelled out (RFC 2047).
+        "logged-in multipart in other words": (
+            f"POST /api/messages/ HTTP/1.1\n{host}\nCookie: {session}\n"
+            f"Content-Type: =?utf-8?q?multipart?=/form-data; boundary={boundary}\n"
+            "Transfer-Encoding: chunked\n",
+            chunked(12 * MiB, parts),
+            415,
+        ),
+        "anonymous 100 KiB login form": (
+            f"POST /accounts/login/ HTTP/1.1\n{host}\n"
+            f"Content-Type: application/x-www-form-urlencoded\nContent-Length: {100 * 1024}\n",
+            plain(100 * 1024, b"a=&" * 1024),
+            413,
+        ),
         "multipart to the login form": (
             f"POST /accounts/login/ HTTP/1.1\n{host}\nContent-Type: {form}\n"
             "Transfer-Encoding: chunked\n",
