@@ -450,3 +450,12 @@ def test_hostile_bodies_are_refused_unread_and_stall_nobody(stack):
     for process in ("daphne", "nginx"):
         grown = after[process] - before[process]
         assert grown < 16 * 1024, f"{process} grew {grown} KiB while {sent >> 20} MiB were sent"
+
+
+def test_nginx_body_limit_is_the_apps_own():
+    """deploy/nginx.conf's server-wide client_max_body_size is the app's largest request."""
+    from messaging import conf
+
+    limits = re.findall(r"^    client_max_body_size (\d+)k;", NGINX_SITE.read_text(), re.M)
+    assert limits == [str(conf.max_request_bytes() // 1024)]
+    assert conf.max_request_bytes() % 1024 == 0
