@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Development only, and explicitly so: DEBUG on, and a key of this checkout (var/dev-secret-key).
 run: $(STAMP)
-	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py seed_demo
-	$(BIN)/python manage.py runserver $(HOST):$(PORT)
+	export DJANGO_DEBUG=1 DJANGO_SECRET_KEY="$$(bash scripts/dev-secret-key)" \
+		&& $(BIN)/python manage.py migrate --noinput \
+		&& $(BIN)/python manage.py seed_demo \
+		&& $(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 test: $(STAMP)
 	bash scripts/test

@@ -3,7 +3,8 @@ Settings for the chat project.
 
 Everything that varies between machines comes from the environment, and only here:
 DATABASE_URL (PostgreSQL; SQLite when unset), REDIS_URL (channels-redis; the in-memory
-layer when unset), DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS.
+layer when unset), DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS, and the HTTPS settings
+of docs/deployment.md.
 """
 
 import os
@@ -11,6 +12,8 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -51,10 +54,16 @@ def _database_from_url(url: str) -> dict:
     }
 
 
-SECRET_KEY = os.environ.get(
-    "DJANGO_SECRET_KEY", "dev-only-insecure-key-set-DJANGO_SECRET_KEY-in-production"
-)
-DEBUG = _env_bool("DJANGO_DEBUG", True)
+# Off unless asked for (`make run` asks). There is no fallback key: a server that signed sessions
+# with a key from the source code would start silently; refusing to start is the safer failure.
+DEBUG = _env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is not set. Set it to a long random value kept secret, e.g. "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(50))' (docs/deployment.md); "
+        "`make run` makes a development key of its own."
+    )
 ALLOWED_HOSTS = [
     h.strip()
     for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(
@@ -65,6 +74,18 @@ ALLOWED_HOSTS = [
 CSRF_TRUSTED_ORIGINS = [
     o.strip() for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
 ]
+# HTTPS behind a TLS-terminating proxy (docs/deployment.md, deploy/production.env). The proxy
+# header is "HEADER,value", e.g. HTTP_X_FORWARDED_PROTO,https; the proxy must set it on every
+# request, or a client could claim HTTPS.
+SECURE_SSL_REDIRECT = _env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", "0"))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = _env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+if os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER"):
+    _header, _, _value = os.environ["DJANGO_SECURE_PROXY_SSL_HEADER"].partition(",")
+    SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
+SESSION_COOKIE_SECURE = _env_bool("DJANGO_SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = _env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
 
 INSTALLED_APPS = [
     "daphne",
@@ -81,6 +102,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: a bad Host or unparseable request data is a 400 before any other middleware reads it.
+    "messaging.middleware.RefuseUnreadableRequests",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -236,7 +259,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 # daphne serves static files itself when set (Django's ASGIStaticFilesHandler): handy for the
 # multi-process deployment without a separate web server in front.
 SERVE_STATIC = _env_bool("SERVE_STATIC", False)

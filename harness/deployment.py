@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -46,6 +47,14 @@ def _pg_admin(url: str, sql: str, *params: object) -> list:
 
 
 FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+
+
+def ensure_secret_key() -> str:
+    """
+    DJANGO_SECRET_KEY of this process, made up (random) when unset: the settings refuse to start
+    without one, and a throwaway deployment needs no fixed key.
+    """
+    return os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
 
 
 def _migrations_key() -> str:
@@ -199,6 +208,7 @@ class Deployment:
         self.workdir = workdir
         self.redis: RedisServer | None = None
         self.servers: list[Server] = []
+        ensure_secret_key()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
         self.env.update({"DJANGO_DEBUG": "0", "LOG_LEVEL": "INFO", **settings})
         # Throwaway users: PBKDF2 would cost each login and each created user half a second.
@@ -334,9 +344,15 @@ class Deployment:
         )
         return sum(1 for (done,) in rows if done)
 
-    def start(self, port: int | None = None, app: str = "chatproject.asgi:application") -> Server:
+    def start(
+        self,
+        port: int | None = None,
+        app: str = "chatproject.asgi:application",
+        daphne_args: tuple[str, ...] = (),
+    ) -> Server:
         """
-        Start one daphne process serving `app` (on `port`, or a free one) and wait until it listens.
+        Start one daphne process serving `app` (on `port`, or a free one, with `daphne_args`)
+        and wait until it listens.
         """
         port = port or free_port()
         log = self.workdir / f"daphne-{port}-{len(self.servers)}.log"
@@ -349,6 +365,7 @@ class Deployment:
                 "127.0.0.1",
                 "-p",
                 str(port),
+                *daphne_args,
                 app,
             ],
             cwd=ROOT,
