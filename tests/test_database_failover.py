@@ -9,10 +9,12 @@ runs it, and CI always does.
 import asyncio
 import json
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import websockets
 
+from harness.proxy import FaultProxy
 from tests.servers import Deployment, Session
 
 pytestmark = pytest.mark.skipif(
@@ -25,6 +27,10 @@ TABS_PER_USER = 2
 WARM_UP = 1.5  # seconds of steady sending before the fault
 AFTER_FAULT = 3.0  # and after it
 POOL_MIN = 8
+# How soon a send is answered `unavailable` with the database unreachable: the pool waits
+# failover_timeout (2 s) for a new connection once its connections broke; it used to wait its
+# whole timeout (10 s).
+UNAVAILABLE_BOUND = 5.0
 # The longest a send may wait for its `sent` because of the fault, beyond the longest wait
 # before it (what the machine's load costs anyway). On psycopg_pool's own check-on-checkout a
 # send waited behind its backoff sleeps between broken connections: 1 + 2 + 4 s.
@@ -186,3 +192,56 @@ async def test_terminated_backends_pause_socket_sends_for_under_a_second(deploym
             task.cancel()
         for tab in tabs:
             await tab.ws.close()
+
+
+async def test_with_the_database_unreachable_a_send_is_answered_unavailable_soon(deployment):
+    """With the database unreachable (its connections cut, new ones refused), a socket's send
+    gets an `unavailable` frame within seconds, not after the pool's timeout; once the database
+    is back, the tab's resend is stored, once."""
+    parts = urlsplit(deployment.database_url)
+    proxy = FaultProxy(parts.port or 5432)
+    await proxy.start()
+    deployment.env["DATABASE_URL"] = urlunsplit(
+        parts._replace(netloc=f"{parts.netloc.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}")
+    )
+    try:
+        # Blocking calls in threads: the proxy runs on this event loop.
+        server = await asyncio.to_thread(deployment.start)
+        session = Session(server.base_url)
+        await asyncio.to_thread(session.login, "alice", "alice-pass-1")
+        status, body = await asyncio.to_thread(session.request, "POST", "/api/clients/")
+        assert status == 201
+        tab = Sender("alice0", session, body["client_id"])
+        await tab.connect(server)
+        reader = asyncio.create_task(tab.read())
+        loop = asyncio.get_running_loop()
+
+        async def answer(cmid: str, timeout: float) -> dict:
+            tab.cmid = cmid
+            tab._answer = loop.create_future()
+            frame = {"type": "send", "client_msg_id": cmid, "to": {"room": "hall"}, "body": cmid}
+            await tab.ws.send(json.dumps(frame))
+            return await asyncio.wait_for(tab._answer, timeout)
+
+        assert (await answer("m1", 10))["type"] == "sent"
+        await proxy.stop()  # every connection cut; new ones refused
+        started = loop.time()
+        refused = await answer("m2", 30)
+        waited = loop.time() - started
+        assert (refused["type"], refused.get("code")) == ("error", "unavailable"), refused
+        assert waited < UNAVAILABLE_BOUND, waited
+
+        await proxy.start()  # back, on the same port
+        deadline = loop.time() + 30
+        while (stored := await answer("m2", 30))["type"] != "sent":
+            assert loop.time() < deadline, "not stored once the database was back"
+            await asyncio.sleep(0.3)
+        assert stored["duplicate"] is False
+        await asyncio.wait_for(tab.received(2), 10)
+        await asyncio.sleep(0.2)
+        assert [body for _, body in tab.deliveries] == ["m1", "m2"]
+        print(f"unavailable after {waited:.2f} s")
+        reader.cancel()
+        await tab.ws.close()
+    finally:
+        await proxy.stop()
