@@ -9,11 +9,13 @@ runs it, and CI always does.
 import asyncio
 import json
 import os
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import websockets
 
+from chatproject.postgresql.pool import ConnectionPool
 from harness.proxy import FaultProxy
 from tests.servers import Deployment, Session
 
@@ -245,3 +247,25 @@ async def test_with_the_database_unreachable_a_send_is_answered_unavailable_soon
         await tab.ws.close()
     finally:
         await proxy.stop()
+
+
+def test_a_pool_of_broken_connections_hands_out_a_new_one_at_once(deployment):
+    """With every connection of the pool terminated, a checkout discards them without sleeping
+    (psycopg_pool's own check sleeps 1, 2, 4 s between them) and gets a working new one."""
+    pool = ConnectionPool(
+        deployment.database_url, min_size=6, check=ConnectionPool.check_connection, open=False
+    )
+    pool.open(wait=True, timeout=10)
+    try:
+        assert deployment.kill_database_connections() >= 6
+        time.sleep(0.2)  # the backends are gone by now
+        started = time.monotonic()
+        conn = pool.getconn()
+        took = time.monotonic() - started
+        try:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            pool.putconn(conn)
+        assert took < 0.5, took
+    finally:
+        pool.close()
