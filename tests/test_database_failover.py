@@ -117,8 +117,13 @@ class Sender:
 def deployment(tmp_path):
     dep = Deployment(
         tmp_path,
+        # Steady load, not rate limits, is under test (the pings too read through the pool).
         MESSAGING_SEND_RATE="1000.0",
         MESSAGING_SEND_BURST="1000",
+        MESSAGING_USER_SEND_RATE="1000.0",
+        MESSAGING_USER_SEND_BURST="1000",
+        MESSAGING_PING_RATE="1000.0",
+        MESSAGING_PING_BURST="1000",
         # A pool that holds several idle connections, as a busy process's does.
         DATABASE_POOL_MIN=str(POOL_MIN),
     )
