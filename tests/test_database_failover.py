@@ -106,10 +106,11 @@ class Sender:
             self.sent += 1
             await asyncio.sleep(0.01)
 
-    async def ping_until(self, stop: asyncio.Event) -> None:
+    async def ping_until(self, stop: asyncio.Event, pinging: asyncio.Event) -> None:
         # Reads of the socket's queue alongside the sends, from the process's thread pool (a
-        # busy process holds several pooled connections).
+        # busy process holds several pooled connections), while `pinging` is set.
         while not stop.is_set():
+            await pinging.wait()
             await self.ws.send(json.dumps({"type": "ping"}))
             await asyncio.sleep(0.02)
 
@@ -162,7 +163,9 @@ async def test_terminated_backends_pause_socket_sends_for_under_a_second(deploym
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     senders = [asyncio.create_task(tab.send_until(stop)) for tab in tabs]
-    senders += [asyncio.create_task(tab.ping_until(stop)) for tab in tabs]
+    pinging = asyncio.Event()
+    pinging.set()
+    senders += [asyncio.create_task(tab.ping_until(stop, pinging)) for tab in tabs]
     try:
         await asyncio.sleep(WARM_UP)
         # The pool holds its connections (they are what breaks), whatever the machine's load.
@@ -170,11 +173,18 @@ async def test_terminated_backends_pause_socket_sends_for_under_a_second(deploym
             if await asyncio.to_thread(server_connections, deployment) >= POOL_MIN:
                 break
             await asyncio.sleep(0.05)
+        # The pings pause around the fault, so that the sends (and acks) are the first to meet
+        # the broken connections, as on a process whose other work is idle for a moment.
+        pinging.clear()
+        await asyncio.sleep(0.2)
         fault = loop.time()
         killed = await asyncio.to_thread(deployment.kill_database_connections)
         assert killed > 0
-        await asyncio.sleep(AFTER_FAULT)
+        await asyncio.sleep(1.0)
+        pinging.set()
+        await asyncio.sleep(AFTER_FAULT - 1.0)
         stop.set()
+        pinging.set()
         await asyncio.wait_for(asyncio.gather(*senders), 30)
 
         # How long sends waited because of the fault: from the fault (or the send, if later);
