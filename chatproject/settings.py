@@ -38,9 +38,12 @@ def _database_from_url(url: str) -> dict:
         # its own, so persistent connections (CONN_MAX_AGE) are never reused and pile up;
         # opening one per database call instead cost more than the call (the chaos run
         # measured ~5 sends/s).
-        options["pool"] = {"min_size": 2, "max_size": pool_size, "timeout": 10}
+        min_size = min(pool_size, int(os.environ.get("DATABASE_POOL_MIN", "2")))
+        options["pool"] = {"min_size": min_size, "max_size": pool_size, "timeout": 10}
     return {
-        "ENGINE": "django.db.backends.postgresql",
+        # Django's backend, with a pool that discards broken connections without sleeping
+        # (chatproject/postgresql/pool.py).
+        "ENGINE": "chatproject.postgresql",
         "NAME": unquote(parts.path.lstrip("/")) or "postgres",
         "USER": unquote(parts.username or ""),
         "PASSWORD": unquote(parts.password or ""),

@@ -60,20 +60,22 @@ class _Link:
 
 class FaultProxy:
     """
-    Listens on a free loopback port and forwards every connection to `backend_port`.
+    Listens on a loopback port (a free one by default) and forwards every connection to
+    `backend_port`.
     """
 
-    def __init__(self, backend_port: int) -> None:
+    def __init__(self, backend_port: int, port: int = 0) -> None:
         self.backend_port = backend_port
         self.links: set[_Link] = set()
-        self.port = 0
+        self.port = port
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         """
-        Start listening (on a free port: see `port`).
+        Start listening (on `port`, or on a free one: see `port`); again after `stop`, on the
+        same port, as a server that comes back.
         """
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -71,10 +71,13 @@ class AckBatcher:
                 try:
                     try:
                         await self._run_db(services.ack_many, batching.one_thread("acks"))(acks)
-                    except Exception:
-                        # One failure (a lock timeout, a dropped connection) would fail every
-                        # socket's ack in the batch, and a tab need not repeat an ack: retry once.
-                        await asyncio.sleep(RETRY_AFTER)
+                    except Exception as exc:
+                        # One failure would fail every socket's ack in the batch, and a tab need
+                        # not repeat an ack: retry once (acks are cumulative; one transaction).
+                        # After a dropped connection at once, on the pool's next connection;
+                        # after anything else (a lock timeout) a moment later.
+                        if not batching.connection_lost(exc):
+                            await asyncio.sleep(RETRY_AFTER)
                         await self._run_db(services.ack_many, batching.one_thread("acks"))(acks)
                 except Exception as exc:
                     self._settle(batch, exc)

@@ -12,9 +12,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from django.db import connection
+import psycopg
+from django.db import InterfaceError, OperationalError, connection
+from psycopg_pool import PoolTimeout
 
 T = TypeVar("T")
+
+# PostgreSQL's errors of a connection that the server dropped or lost: connection exceptions,
+# and an administrator's or a crash's shutdown of the backend (a failover, a restart, a reaper).
+_LOST_STATES = ("08", "57P")
 
 # SQLite has one writer. The batchers' threads (sends, acks) took turns through SQLite's busy
 # handler, which sleeps 1, 2, 5, 10, ... ms between tries whatever the holder does: a send to
@@ -67,3 +73,18 @@ def of_this_loop(kind: Callable[[Any], T], run_db: Any) -> T:
     if found is None:
         found = batchers[kind] = kind(run_db)
     return found
+
+
+def connection_lost(exc: object) -> bool:
+    """
+    Whether `exc` (what a batch got) says that the database dropped the connection: the batch
+    may succeed at once on another one (the pool replaces connections made before). Not a pool
+    that had none to give in time: with the database unreachable a retry would wait as long.
+    """
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    cause = exc.__cause__
+    if not isinstance(cause, psycopg.Error) or isinstance(cause, PoolTimeout):
+        return False
+    # A client-side error (no SQLSTATE) is one about the connection itself: closed, reset, lost.
+    return cause.sqlstate is None or cause.sqlstate.startswith(_LOST_STATES)

@@ -14,10 +14,13 @@ keep their order, and the sends of one room keep theirs in every tab.
 """
 
 import asyncio
+import logging
 from typing import Any
 
 from clients import push
 from messaging import batching, services
+
+logger = logging.getLogger(__name__)
 
 # Sends per batch: a bound on a transaction's size and on the statements' parameter lists.
 BATCH = 100
@@ -48,6 +51,31 @@ class SendBatcher:
             self._task = loop.create_task(self._write())
         return future
 
+    async def _store(
+        self, requests: list[services.SendRequest]
+    ) -> list[services.SendResult | Exception]:
+        results = await self._store_once(requests)
+        # The sends that met a connection the database had dropped (a failover, a restart) are
+        # stored once more at once, on the pool's next connection. Each target's sends share a
+        # transaction, so such a send was rolled back with its transaction, or committed just
+        # before the connection broke: the retry then finds it by client_msg_id and answers it
+        # as a duplicate, storing nothing twice. The others (stored, refused) are not repeated.
+        lost = [i for i, r in enumerate(results) if batching.connection_lost(r)]
+        if lost:
+            logger.warning("%d send(s) met a dropped database connection; retrying", len(lost))
+            again = await self._store_once([requests[i] for i in lost])
+            for i, result in zip(lost, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _store_once(
+        self, requests: list[services.SendRequest]
+    ) -> list[services.SendResult | Exception]:
+        try:
+            return await self._run_db(services.send_many, batching.one_thread("sends"))(requests)
+        except Exception as exc:  # e.g. the database went away: every send fails
+            return [exc] * len(requests)
+
     async def _write(self) -> None:
         batch: list[tuple[services.SendRequest, asyncio.Future]] = []
         done = False
@@ -58,11 +86,7 @@ class SendBatcher:
                 batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
                 self.storing = True
                 try:
-                    results = await self._run_db(services.send_many, batching.one_thread("sends"))(
-                        [request for request, _ in batch]
-                    )
-                except Exception as exc:  # e.g. the database went away: every send fails
-                    results = [exc] * len(batch)
+                    results = await self._store([request for request, _ in batch])
                 finally:
                     self.storing = False
                 for (_, future), result in zip(batch, results, strict=True):

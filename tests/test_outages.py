@@ -6,15 +6,17 @@ usable or close with a retry code, and nothing stored half-way or left marked as
 import asyncio
 import collections
 
+import psycopg
 import pytest
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.db import OperationalError
+from psycopg_pool import PoolTimeout
 
 from clients import services as client_services
 from clients.models import Client
-from messaging import consumers, services
+from messaging import batching, consumers, sends, services
 from messaging.models import Delivery, Message
 from tests.conftest import api_post, connect_tab, http_as, new_client, refused_with
 
@@ -305,4 +307,143 @@ async def test_a_socket_whose_presence_read_fails_stays_open(alice, monkeypatch)
     tab = await connect_tab(alice, a1)
     await tab.send({"type": "ping"})
     assert await tab.recv() == {"type": "pong", "head": 0}
+    await tab.disconnect()
+
+
+def connection_dropped(*args, **kwargs):
+    # What Django raises when PostgreSQL ends the session (a failover, pg_terminate_backend).
+    try:
+        raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+    except psycopg.Error as exc:
+        raise OperationalError(str(exc)) from exc
+
+
+def no_connection_in_time(*args, **kwargs):
+    # What Django raises when the pool has no connection to give within its timeout.
+    try:
+        raise PoolTimeout("couldn't get a connection after 2.00 sec")
+    except psycopg.Error as exc:
+        raise OperationalError(str(exc)) from exc
+
+
+def raised_by(func) -> BaseException:
+    try:
+        func()
+    except BaseException as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_a_dropped_connection_is_told_from_a_database_that_is_away():
+    """Only a dropped connection is worth an immediate retry: not a pool timeout, nor an error
+    without a driver's cause (SQLite's "database is locked" waited its timeout already)."""
+    assert batching.connection_lost(raised_by(connection_dropped))
+    lost = OperationalError("consuming input failed")
+    lost.__cause__ = psycopg.OperationalError("consuming input failed: server closed")
+    assert batching.connection_lost(lost)
+    assert not batching.connection_lost(raised_by(no_connection_in_time))
+    assert not batching.connection_lost(OperationalError("database is locked"))
+    deadlock = OperationalError("deadlock detected")
+    deadlock.__cause__ = psycopg.errors.DeadlockDetected("deadlock detected")
+    assert not batching.connection_lost(deadlock)
+    assert not batching.connection_lost(RuntimeError("boom"))
+
+
+async def test_a_send_that_met_a_dropped_connection_is_stored_on_the_next_one(alice, monkeypatch):
+    """A send whose transaction met a connection the database had dropped is stored again at
+    once: the tab gets `sent` and no error frame, and the message is stored once."""
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    real, calls = services._store, []
+
+    def dropped_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            connection_dropped()
+        return real(batch)
+
+    monkeypatch.setattr(services, "_store", dropped_once)
+    await tab.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    sent = await tab.recv_type("sent")
+    assert sent["duplicate"] is False and calls == [1, 1]
+    assert not [f for f in tab.skipped if f["type"] == "error"]
+    assert (await tab.deliveries(1))[0]["seq"] == 1
+    assert await database_sync_to_async(Message.objects.count)() == 1
+    await tab.disconnect()
+
+
+async def test_only_the_sends_that_met_a_dropped_connection_are_stored_again(monkeypatch):
+    """Of a batch, the sends stored (or refused) stay answered; those whose target's
+    transaction met a dropped connection go once more, alone; a second failure is their answer."""
+    from clients import push
+    from clients.errors import NotFound
+
+    async def no_backlog():
+        return None
+
+    monkeypatch.setattr(push, "caught_up", no_backlog)
+    stored, refused = services.SendResult(7, False), NotFound("no such room", code="unknown_room")
+    lost = raised_by(connection_dropped)
+    answers = [[lost, stored, refused, lost], [services.SendResult(8, False), lost]]
+    calls: list[list] = []
+
+    def run_db(func, executor=None):
+        async def call(requests):
+            calls.append(list(requests))
+            return answers[len(calls) - 1]
+
+        return call
+
+    batcher = sends.SendBatcher(run_db)
+    futures = [batcher.submit(name) for name in ("a", "b", "c", "d")]
+    done, _ = await asyncio.wait(futures, timeout=2)
+    assert len(done) == 4
+    assert calls == [["a", "b", "c", "d"], ["a", "d"]]
+    assert futures[0].result() == services.SendResult(8, False)
+    assert futures[1].result() is stored and futures[2].exception() is refused
+    assert futures[3].exception() is lost
+
+
+async def test_a_send_that_found_no_connection_in_time_is_not_retried(alice, monkeypatch):
+    """With the database away the pool gives up after its wait: the send is answered
+    `unavailable` then, not after a second wait."""
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    calls = []
+
+    def away(requests):
+        calls.append(len(requests))
+        no_connection_in_time()
+
+    monkeypatch.setattr(services, "send_many", away)
+    await tab.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    error = await tab.recv_type("error")
+    assert (error["code"], error["client_msg_id"], calls) == ("unavailable", "m1", [1])
+    await tab.disconnect()
+
+
+async def test_an_ack_that_met_a_dropped_connection_is_written_again_at_once(alice, monkeypatch):
+    """An ack batch that met a dropped connection is written again without RETRY_AFTER's wait,
+    and its socket gets no error frame."""
+    from messaging import acks
+
+    monkeypatch.setattr(acks, "RETRY_AFTER", 10.0)
+    a1 = await new_client(alice)
+    tab = await connect_tab(alice, a1)
+    await tab.send({"type": "send", "client_msg_id": "m1", "to": {"user": "alice"}, "body": 1})
+    assert (await tab.deliveries(1))[0]["seq"] == 1
+    real, calls = services.ack_many, []
+
+    def dropped_once(acks_by_client):
+        calls.append(dict(acks_by_client))
+        if len(calls) == 1:
+            connection_dropped()
+        return real(acks_by_client)
+
+    monkeypatch.setattr(services, "ack_many", dropped_once)
+    await tab.send({"type": "ack", "seq": 1})
+    await tab.send({"type": "ping"})  # answered once the ack before it is written
+    assert (await tab.recv_type("pong", timeout=3))["head"] == 1
+    assert len(calls) == 2 and not [f for f in tab.skipped if f["type"] == "error"]
+    assert await database_sync_to_async(Delivery.objects.count)() == 0
     await tab.disconnect()
