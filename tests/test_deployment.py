@@ -373,6 +373,20 @@ def heads(stack: Stack, session: str) -> dict[str, tuple[str, Iterator[bytes], i
             plain(100 * 1024, b"a=&" * 1024),
             413,
         ),
+        # The socket's URL takes a handshake (a GET) and nothing else: a form posted there
+        # would reach twisted.web's parser with no allow-list in the way.
+        "anonymous multipart to the socket URL": (
+            f"POST /ws/ HTTP/1.1\n{host}\nContent-Type: {form}\n"
+            f"Content-Length: {380 * 1024}\n",
+            plain(380 * 1024, parts),
+            413,  # its 1 KiB limit comes first; a smaller one gets 405
+        ),
+        "multipart to /api without its slash": (
+            f"POST /api HTTP/1.1\n{host}\nCookie: {session}\nContent-Type: {form}\n"
+            f"Content-Length: {60 * 1024}\n",
+            plain(60 * 1024, parts),
+            301,  # nginx sends /api to /api/ itself
+        ),
         "multipart to the login form": (
             f"POST /accounts/login/ HTTP/1.1\n{host}\nContent-Type: {form}\n"
             "Transfer-Encoding: chunked\n",
