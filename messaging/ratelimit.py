@@ -19,6 +19,12 @@ from messaging import conf
 
 logger = logging.getLogger(__name__)
 
+# A Redis that does not answer costs a batch of sends at most REDIS_TIMEOUT seconds (all the
+# sends of a process wait on one thread), and then REDIS_BACKOFF seconds of this process's own
+# buckets before Redis is tried again: not the timeout again on every batch.
+REDIS_TIMEOUT = 0.5
+REDIS_BACKOFF = 5.0
+
 # KEYS: the client bucket and the user bucket of each send, in pairs. ARGV: client rate, client
 # burst, user rate, user burst (a rate of 0: no such bucket). A bucket is a hash {t: tokens,
 # a: when}; it expires once it would be full again anyway. Returns 1 (taken) or 0 per send.
@@ -80,7 +86,7 @@ class SendRate:
         self._redis: dict[str, tuple[Any, Any]] = {}  # Redis URL -> (client, its script)
         self._epoch = "0"  # part of every Redis key; reset() starts afresh
         self._written: set[tuple[str, str]] = set()  # (URL, key prefix) used since reset()
-        self._redis_failed_at = 0.0
+        self._redis_failed_at = -REDIS_BACKOFF  # monotonic time of the last Redis failure
 
     def take(self, client_id: object, user_id: object) -> bool:
         """
@@ -96,22 +102,29 @@ class SendRate:
         if not sends or not (limits[0] or limits[2]):
             return [True] * len(sends)
         url = conf.get("MESSAGING_RATE_REDIS_URL")
-        if url:
+        if url and time.monotonic() - self._redis_failed_at >= REDIS_BACKOFF:
             try:
                 return self._take_redis(url, sends, limits)
             except Exception as exc:
                 # Redis is away: this process's buckets still bound the sends it takes.
-                now = time.monotonic()
-                if now - self._redis_failed_at > 10:
-                    logger.warning("send rate limits per process only, Redis failed: %r", exc)
-                self._redis_failed_at = now
+                logger.warning(
+                    "send rate limits per process for %.0f s, Redis failed: %r", REDIS_BACKOFF, exc
+                )
+                self._redis_failed_at = time.monotonic()
         return self._take_local(sends, limits)
 
     def _take_redis(self, url: str, sends: list, limits: tuple) -> list[bool]:
         if url not in self._redis:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
-            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            client = redis.Redis.from_url(
+                url,
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            )
             self._redis.setdefault(url, (client, client.register_script(_TAKE)))
         script = self._redis[url][1]
         prefix = f"{conf.get('MESSAGING_RATE_REDIS_PREFIX')}:rate:{self._epoch}"

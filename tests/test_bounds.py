@@ -178,6 +178,33 @@ def test_redis_buckets_are_shared_by_processes_and_refill(redis_buckets, setting
     assert one.take("c3", "u") is True and two.take("c3", "u") is False
 
 
+def test_a_redis_that_does_not_answer_costs_one_short_wait(settings):
+    """A Redis that accepts connections and never answers holds one batch of sends for at most
+    the limiter's short timeout; the batches after it use this process's buckets at once,
+    still bounded, instead of waiting again each time."""
+    import socket
+
+    from messaging import ratelimit
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        settings.MESSAGING_RATE_REDIS_URL = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        settings.MESSAGING_SEND_RATE, settings.MESSAGING_SEND_BURST = 0.001, 2
+        limiter = ratelimit.SendRate()
+        started = time.monotonic()
+        assert limiter.take("c1", "u") is True  # after the timeout, from the local bucket
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert limiter.take_many([("c1", "u"), ("c1", "u")]) == [True, False]
+        again = time.monotonic() - started
+    finally:
+        silent.close()
+    assert first < ratelimit.REDIS_TIMEOUT * 3, first
+    assert again < 0.1, again
+
+
 # -- rooms, typing and pings ------------------------------------------------------------------
 
 
