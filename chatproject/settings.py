@@ -204,14 +204,15 @@ _KEEPALIVE = {
 if os.environ.get("REDIS_URL"):
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "messaging.layers.RedisChannelLayer",
             "CONFIG": {
                 # No read timeout on the layer's connections. redis-py 8 defaults it to 5 s,
                 # exactly channels-redis's blocking BZPOPMIN of 5 s (idle sockets died with
                 # 1011); and with any read timeout, a cancelled receive() now and then does not
                 # end: the cancellation becomes a read timeout, which redis-py retries, and
                 # channels-redis pops again (tests/test_loop_shutdown.py). Reads stay bounded by the
-                # server's 5 s pop; a dead peer is found by TCP keepalive.
+                # server's 5 s pop; a dead peer is found by TCP keepalive, and every other call
+                # gives up after REDIS_OP_TIMEOUT seconds (messaging.layers).
                 "hosts": [
                     {
                         "address": os.environ["REDIS_URL"],
@@ -226,6 +227,7 @@ if os.environ.get("REDIS_URL"):
                         "max_connections": int(os.environ.get("REDIS_MAX_CONNECTIONS", "1000")),
                     }
                 ],
+                "op_timeout": float(os.environ.get("REDIS_OP_TIMEOUT", "5")),
                 "prefix": os.environ.get("REDIS_PREFIX", "asgi"),
                 "capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "1000")),
                 "expiry": 60,

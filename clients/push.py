@@ -380,6 +380,10 @@ async def _route(layer, name: str) -> None:
             logger.warning("batched events of this process unavailable: %r", exc)
             await asyncio.sleep(1.0)
             continue
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled while a message came in, and the receive returned it all the same.
+            raise asyncio.CancelledError
         turn = _Turn()
         for channel, seq in message.get("items", ()):
             event = {"type": POKE, "seq": seq, "id": message["id"], "tail": message["tail"]}

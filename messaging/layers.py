@@ -1,5 +1,6 @@
 """
-The in-memory channel layer of a single-process deployment, without its per-message overheads.
+The channel layers: the in-memory one of a single-process deployment, without its per-message
+overheads, and channels-redis with a bound on every call that is not a receive.
 """
 
 import asyncio
@@ -8,6 +9,7 @@ from typing import Any
 
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer as ChannelsInMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer as ChannelsRedisChannelLayer
 
 
 class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
@@ -80,3 +82,32 @@ class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
     async def flush(self) -> None:
         await super().flush()
         self._waiting = {}
+
+
+class RedisChannelLayer(ChannelsRedisChannelLayer):
+    """
+    channels-redis whose sends and group calls give up after `op_timeout` seconds (TimeoutError)
+    instead of waiting for good on a Redis that accepts connections but does not answer. Its
+    connections have no read timeout of their own (settings: with one, a cancelled receive now
+    and then never ends), and a receive waits as long as it must.
+    """
+
+    def __init__(self, *args: Any, op_timeout: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.op_timeout = op_timeout
+
+    async def send(self, channel: str, message: dict) -> None:
+        async with asyncio.timeout(self.op_timeout):
+            await super().send(channel, message)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        async with asyncio.timeout(self.op_timeout):
+            await super().group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        async with asyncio.timeout(self.op_timeout):
+            await super().group_discard(group, channel)
+
+    async def group_send(self, group: str, message: dict) -> None:
+        async with asyncio.timeout(self.op_timeout):
+            await super().group_send(group, message)

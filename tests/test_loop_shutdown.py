@@ -75,10 +75,13 @@ async def test_the_router_runs_while_the_loop_has_sockets(alice):
     first = await connect_tab(alice, await new_client(alice))
     second = await connect_tab(alice, await new_client(alice))
     assert push.router_running()
+    router = push._routers[asyncio.get_running_loop()].task
+    assert router is not None
     await first.disconnect()
     assert push.router_running()
     await second.disconnect()
-    await asyncio.sleep(0)
+    done, _ = await asyncio.wait({router}, timeout=2)
+    assert done, "the router task did not end with the last socket"
     assert not push.router_running()
 
 
@@ -99,3 +102,33 @@ def test_a_loop_with_a_router_closes():
     for _ in range(5):
         assert _run_in_new_loop(sockets_come_and_go, 10), "the loop did not close"
 
+
+
+async def test_layer_calls_give_up_on_a_redis_that_does_not_answer():
+    """With no read timeout on the layer's connections, a Redis that accepts connections and
+    never answers must not hold a socket's group join or a push for good: each call gives up
+    after the layer's op_timeout."""
+    import socket
+    import time
+
+    from messaging.layers import RedisChannelLayer
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        layer = RedisChannelLayer(
+            hosts=[{"address": f"redis://127.0.0.1:{silent.getsockname()[1]}/0"}],
+            op_timeout=0.5,
+        )
+        for call in (
+            lambda: layer.group_add("g", "specific.x!y"),
+            lambda: layer.send("specific.x!y", {"type": "t"}),
+            lambda: layer.group_send("g", {"type": "t"}),
+        ):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await call()
+            assert time.monotonic() - started < 2
+    finally:
+        silent.close()
