@@ -57,7 +57,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             Error("MESSAGING_MAX_ROOMS_PER_USER must be None or >= 0.", id="messaging.E005")
         )
     if typing is not None and (not isinstance(typing, int | float) or typing <= 0):
-        errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E005"))
+        errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E006"))
     return errors
 
 

@@ -146,8 +146,9 @@ def client_close(request: HttpRequest, client_id: str) -> HttpResponse:
     POST /api/clients/{id}/close?conn=N: the tab is probably closing (sendBeacon on pagehide);
     `conn` is the page's last connection attempt, so a late beacon cannot close a newer socket.
     """
-    raw_conn = request.GET.get("conn")
-    attempt = None if raw_conn is None else validation.int_param(raw_conn, "conn", default=0)
+    # Without `conn`, the page counts as the oldest (0): it cannot close a client that a
+    # numbered socket attached since.
+    attempt = validation.int_param(request.GET.get("conn"), "conn", default=0)
     client_services.mark_closing(request.user, client_id, attempt)
     return HttpResponse(status=204)
 

@@ -64,3 +64,19 @@ def test_a_malformed_conn_is_400(alice, conn):
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_conn"
     assert Client.objects.get(pk=cid).closing_at is None
+
+
+def test_a_beacon_without_conn_counts_as_the_oldest_page(alice, settings):
+    """A beacon without `conn` (a page from before it, or a client that never numbers its
+    sockets) cannot close a client a numbered socket attached since; a client that never sent
+    a number is closed by it as before."""
+    settings.CLIENTS_CLOSE_GRACE = GRACE
+    http = http_as(alice)
+    numbered, plain = register(http), register(http)
+    reload_cycle(alice, numbered)
+    client_services.attach(alice, plain, "specific.plain!chan", attempt=None)
+
+    assert api_post(http, f"/api/clients/{numbered}/close").status_code == 204
+    assert Client.objects.get(pk=numbered).closing_at is None
+    assert api_post(http, f"/api/clients/{plain}/close").status_code == 204
+    assert Client.objects.get(pk=plain).closing_at is not None
