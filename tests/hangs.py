@@ -29,6 +29,8 @@ def _recording_init(self, *args, **kwargs):
     _loops.add(self)
 
 
+# Every event loop made in the test process is recorded (weakly) by patching the base class:
+# acceptable in a test run, where loops come from pytest-asyncio, asyncio.run and libraries alike.
 asyncio.BaseEventLoop.__init__ = _recording_init  # type: ignore[method-assign]
 
 
