@@ -34,7 +34,7 @@ N ?= 2
 cluster: $(STAMP)
 	bash scripts/cluster $(N)
 
-# The long chaos run of the README (2 daphne processes on PostgreSQL + a private redis-server,
+# The long chaos run of docs/testing.md (2 daphne processes on PostgreSQL + a private redis-server,
 # 200 tabs, 5,000 messages, every fault); more: make chaos CHAOS_ARGS="--messages 20000 --seed 9"
 CHAOS_ARGS ?=
 chaos: $(STAMP)

@@ -40,7 +40,7 @@ from tests.conftest import (
 )
 
 MAX_INT = 2**63 - 1
-MAX_DEPTH = 512  # the protocol's JSON nesting limit (README)
+MAX_DEPTH = 512  # the protocol's JSON nesting limit (docs/protocol.md)
 USERS = ("alice", "bob")
 ROOM_NAME = re.compile(r"[\w.-]{1,64}")
 HANDLERS = ("send", "ack", "ping", "typing")
@@ -48,7 +48,7 @@ REFUSALS = {4400, 4401, 4403, 4404}
 PROMPT = 2.0  # seconds: the longest one bad input may take to be answered
 ABSENT = object()
 
-# Every error code the server may answer with (README "Validation error codes", plus the HTTP
+# Every error code the server may answer with (docs/protocol.md "Validation error codes", plus the HTTP
 # edges); anything else, internal_error above all, is a failure.
 CODES = set(
     "malformed_json malformed unknown_type invalid_client_msg_id invalid_client_id invalid_to"

@@ -499,7 +499,7 @@ export class RelayClient {
   }
 
   async _queueLimitResync() {
-    // The server stopped queueing for this client (README "Queue bound"): acking the head says
+    // The server stopped queueing for this client (docs/protocol.md, "Queue bound"): acking the head says
     // "I reloaded history"; the page reloads it on the resync event.
     if (this.limitResyncing) return;
     this.limitResyncing = true;
