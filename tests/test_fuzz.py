@@ -48,8 +48,8 @@ REFUSALS = {4400, 4401, 4403, 4404}
 PROMPT = 2.0  # seconds: the longest one bad input may take to be answered
 ABSENT = object()
 
-# Every error code the server may answer with (docs/protocol.md "Validation error codes", plus the HTTP
-# edges); anything else, internal_error above all, is a failure.
+# Every error code the server may answer with (docs/protocol.md "Validation error codes", plus
+# the HTTP edges); anything else, internal_error above all, is a failure.
 CODES = set(
     "malformed_json malformed unknown_type invalid_client_msg_id invalid_client_id invalid_to"
     " invalid_room invalid_body invalid_seq invalid_after invalid_limit invalid_before"
