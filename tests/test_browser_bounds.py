@@ -34,14 +34,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         CLIENTS_MAX_PER_USER=str(LIMIT),
     )
     try:
-        deployment.manage(
-            "shell",
-            "-c",
-            "from django.contrib.auth import get_user_model as g; "
-            + "; ".join(
-                f"g().objects.create_user({name!r}, password={pw!r})" for name, pw in USERS.items()
-            ),
-        )
+        deployment.populate(USERS, {})
         yield deployment.start()
     finally:
         deployment.close()
