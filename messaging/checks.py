@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.checks import Error, register
 
-from messaging import conf
+from messaging import conf, metrics
 
 # daphne drops frames over this size without a close frame, so the app's own limit must stay below.
 DAPHNE_MAX_FRAME = 1024 * 1024
@@ -58,6 +58,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         )
     if typing is not None and (not isinstance(typing, int | float) or typing <= 0):
         errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E005"))
+    try:
+        metrics.allowed_networks()
+    except ValueError as exc:
+        errors.append(Error(f"MESSAGING_METRICS_ALLOWED_IPS: {exc}", id="messaging.E006"))
     return errors
 
 
