@@ -7,6 +7,7 @@ With UPDATE_SCREENSHOTS=1 the test also stages an hour of earlier traffic and wr
 docs/admin-overview.png.
 """
 
+import json
 import os
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from tests.servers import Deployment, Server, Session
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _require_chromium
@@ -160,4 +163,63 @@ def _stage_an_hour(deployment: Deployment, client_id: str) -> None:
             "            created_at=now - timedelta(minutes=minute, seconds=j))\n"
         ),
         env={"MESSAGING_SEND_RATE": "none", "MESSAGING_USER_SEND_RATE": "none"},
+    )
+
+
+def test_every_process_serves_its_own_metrics(server, browser):
+    """Two processes: each counts its own sockets and closes, both report the shared clients,
+    and the overview lists each process with its tab."""
+    deployment, first = server
+    second = deployment.start()
+    alice = Session(first.base_url)
+    alice.login("alice", USERS["alice"])
+    ids = [alice.request("POST", "/api/clients/")[1]["client_id"] for _ in range(2)]
+    with (
+        ws_connect(f"{first.ws_url}/ws/?client_id={ids[0]}", **_headers(alice, first)) as one,
+        ws_connect(f"{second.ws_url}/ws/?client_id={ids[1]}", **_headers(alice, second)) as two,
+    ):
+        assert json.loads(one.recv(timeout=5))["type"] == "hello"
+        assert json.loads(two.recv(timeout=5))["type"] == "hello"
+        # A second socket of the first client on the first process supersedes it: 4409.
+        with ws_connect(
+            f"{first.ws_url}/ws/?client_id={ids[0]}", **_headers(alice, first)
+        ) as again:
+            assert json.loads(again.recv(timeout=5))["type"] == "hello"
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    one.recv(timeout=5)
+            assert one.close_code == 4409
+            scrapes = [scrape(first), scrape(second)]
+            page = browser.new_page()
+            page.goto(f"{first.base_url}/admin/login/?next=/admin/overview/")
+            page.fill("#id_username", OPERATOR[0])
+            page.fill("#id_password", OPERATOR[1])
+            page.click("input[type=submit]")
+            page.wait_for_selector("#processes")
+            for metrics in scrapes:
+                process_id = next(
+                    k.split("=", 1)[1] for k in metrics if k.startswith("process_id=")
+                )
+                row = page.locator(f"[data-process='{process_id}'] [data-sockets]")
+                assert row.text_content() == "1"
+            assert page.text_content("[data-state='connected']") == "2"
+    assert [m["tabrelay_sockets"] for m in scrapes] == [1, 1]
+    assert [m["tabrelay_clients_connected"] for m in scrapes] == [2, 2]
+    ids_seen = {k for m in scrapes for k in m if k.startswith("process_id=")}
+    assert len(ids_seen) == 2
+    assert _closes(first, "4409") == 1 and _closes(second, "4409") == 0
+
+
+def _headers(session: Session, server: Server) -> dict:
+    return {"additional_headers": session.ws_headers(server.base_url), "open_timeout": 5}
+
+
+def _closes(server: Server, code: str) -> float:
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tabrelay_websocket_closes_total" and s.labels.get("code") == code
     )
