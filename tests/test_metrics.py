@@ -140,3 +140,23 @@ def test_http_sends_acks_and_cleanup_runs_count(alice, bob):
     assert after["tabrelay_clients"] >= 1
     assert any(k.startswith("tabrelay_process_info{") for k in after)
     assert "process_cpu_seconds_total" in after
+
+
+@override_settings(MESSAGING_METRICS_TOKEN=TOKEN, MESSAGING_QUEUE_LIMIT=2)
+async def test_resyncs_and_resync_required_clients(alice, bob):
+    """A queue past its bound marks the client resync_required and its tab gets a resync."""
+    before = await database_sync_to_async(scrape)()
+    a, b = await new_client(alice), await new_client(bob)
+    tab_a, tab_b = await connect_tab(alice, a), await connect_tab(bob, b)
+    for i in range(3):
+        frame = {"type": "send", "client_msg_id": f"q{i}", "to": {"user": "bob"}, "body": i}
+        await tab_a.send(frame)
+        await tab_a.recv_type("sent")
+    assert (await tab_b.recv_type("error"))["code"] == "resync_required"
+    assert (await tab_a.recv_type("error"))["code"] == "resync_required"  # the sender's copy
+    after = await database_sync_to_async(scrape)()
+    await tab_a.disconnect()
+    await tab_b.disconnect()
+    assert moved(before, after, "tabrelay_resyncs_total") == 2
+    assert after["tabrelay_clients_resync_required"] == 2
+    assert after["tabrelay_queue_depth_max"] == 2
