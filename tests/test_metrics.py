@@ -3,11 +3,13 @@
 import pytest
 from channels.db import database_sync_to_async
 from django.core.checks import run_checks
+from django.db import OperationalError
 from django.test import Client as HttpClient
 from django.test import override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.cleanup import cleanup_clients
+from clients.models import Client
 from tests.conftest import api_post, connect_tab, http_as, new_client, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -160,3 +162,16 @@ async def test_resyncs_and_resync_required_clients(alice, bob):
     assert moved(before, after, "tabrelay_resyncs_total") == 2
     assert after["tabrelay_clients_resync_required"] == 2
     assert after["tabrelay_queue_depth_max"] == 2
+
+
+@override_settings(MESSAGING_METRICS_TOKEN=TOKEN)
+def test_scrape_survives_the_database_being_away(monkeypatch):
+    """Without the database the scrape still answers, with tabrelay_database_up 0."""
+
+    def away(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(Client.objects, "aggregate", away)
+    samples = scrape()
+    assert samples["tabrelay_database_up"] == 0
+    assert "tabrelay_clients" not in samples and "tabrelay_sends_total" in samples
