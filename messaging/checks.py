@@ -58,10 +58,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         )
     if typing is not None and (not isinstance(typing, int | float) or typing <= 0):
         errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E005"))
-    try:
-        metrics.allowed_networks()
-    except ValueError as exc:
-        errors.append(Error(f"MESSAGING_METRICS_ALLOWED_IPS: {exc}", id="messaging.E006"))
     return errors
 
 
@@ -90,3 +86,15 @@ def check_database(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                     )
                 )
     return errors
+
+
+@register()
+def check_metrics(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """
+    Reject a METRICS_ALLOWED_IPS entry that is neither an address nor a network.
+    """
+    try:
+        metrics.allowed_networks()
+    except ValueError as exc:
+        return [Error(f"MESSAGING_METRICS_ALLOWED_IPS: {exc}", id="messaging.E007")]
+    return []

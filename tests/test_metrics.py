@@ -73,10 +73,10 @@ def test_allowed_addresses():
 
 
 def test_bad_allowed_address_is_a_system_check_error():
-    """A METRICS_ALLOWED_IPS entry that is no address or network fails messaging.E006."""
+    """A METRICS_ALLOWED_IPS entry that is no address or network fails messaging.E007."""
     with override_settings(MESSAGING_METRICS_ALLOWED_IPS=["10.0.0.0/8", "localhost"]):
-        assert "messaging.E006" in {e.id for e in run_checks()}
-    assert "messaging.E006" not in {e.id for e in run_checks()}
+        assert "messaging.E007" in {e.id for e in run_checks()}
+    assert "messaging.E007" not in {e.id for e in run_checks()}
 
 
 @override_settings(MESSAGING_METRICS_TOKEN=TOKEN)
