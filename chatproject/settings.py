@@ -3,8 +3,8 @@ Settings for the chat project.
 
 Everything that varies between machines comes from the environment, and only here:
 DATABASE_URL (PostgreSQL; SQLite when unset), REDIS_URL (channels-redis; the in-memory
-layer when unset), DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS, and the HTTPS settings
-of docs/deployment.md.
+layer when unset), DJANGO_SECRET_KEY, DJANGO_DEBUG, DJANGO_ALLOWED_HOSTS, the HTTPS settings
+of docs/deployment.md, and METRICS_TOKEN / METRICS_ALLOWED_IPS (docs/metrics.md).
 """
 
 import os
@@ -298,6 +298,15 @@ def _env_setting(raw: str) -> object:
     except ValueError:
         return raw
 
+
+# Prometheus metrics (/metrics, docs/metrics.md): off unless a token or allowed addresses are set.
+# Read as text here, not by the generic loop below, which would turn a numeric token into a number.
+MESSAGING_METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip() or None
+MESSAGING_METRICS_ALLOWED_IPS = [
+    a.strip() for a in os.environ.get("METRICS_ALLOWED_IPS", "").split(",") if a.strip()
+]
+# Scraped over plain HTTP on daphne's loopback port: not redirected to HTTPS.
+SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
 
 # Every app setting (clients/conf.py, messaging/conf.py) can also come from the environment.
 for _name, _raw in os.environ.items():

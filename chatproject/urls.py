@@ -4,9 +4,10 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from messaging import views
+from messaging import metrics, overview, views
 
 urlpatterns = [
+    path("admin/overview/", admin.site.admin_view(overview.overview_view), name="admin-overview"),
     path("admin/", admin.site.urls),
     path(
         "accounts/login/",
@@ -18,6 +19,7 @@ urlpatterns = [
     ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/", include("messaging.urls")),
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("", views.home, name="home"),
 ]
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 from clients import conf
 from clients.models import Client, ServerProcess
 from clients.signals import presence_changed
+from messaging import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def heal_dead_processes(now: datetime, *, dry_run: bool = False) -> tuple[list[s
     return [p.id for p in dead], detached
 
 
+@metrics.cleanup_counted
 def cleanup_clients(
     *,
     now: datetime | None = None,

@@ -20,6 +20,8 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from messaging import metrics
+
 logger = logging.getLogger(__name__)
 
 GroupEvent = tuple[str, dict]
@@ -105,12 +107,13 @@ class _Pushes:
     async def _run(self) -> None:
         try:
             while self.queue:
-                send_all, layer, events = self.queue.popleft()
+                send_all, layer, events, since = self.queue.popleft()
                 try:
                     await send_all(layer, events, background=self)
                 except Exception as exc:
                     logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)
                 finally:
+                    metrics.pushed(since)
                     self.backlog -= len(events)
                     if self.backlog <= BACKLOG_MAX:
                         self._wake()
@@ -198,7 +201,7 @@ def _push(send_all, events: list[tuple[str, dict]]) -> None:
         # thread per send for the pushes' Redis round trips and for the busy loop to get to
         # them). The loop runs them one after the other, in the order they were handed over, so
         # the pokes of two sends do not interleave (a tab would see a gap, then its filling).
-        loop.call_soon_threadsafe(_enqueue, loop, (send_all, layer, events))
+        loop.call_soon_threadsafe(_enqueue, loop, (send_all, layer, events, time.monotonic()))
     except Exception as exc:
         # Expected while Redis restarts; a traceback would add nothing.
         logger.warning("channel layer push of %d event(s) failed: %r", len(events), exc)

@@ -7,6 +7,9 @@ from django.db.models import Count
 
 from messaging.models import Delivery, Message, Room
 
+# The index links the operator's overview (messaging/overview.py) above the apps.
+admin.site.index_template = "admin/tabrelay_index.html"
+
 
 class DeliveryInline(admin.TabularInline):
     """

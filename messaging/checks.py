@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.checks import Error, register
 
-from messaging import conf
+from messaging import conf, metrics
 
 # daphne drops frames over this size without a close frame, so the app's own limit must stay below.
 DAPHNE_MAX_FRAME = 1024 * 1024
@@ -86,3 +86,15 @@ def check_database(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                     )
                 )
     return errors
+
+
+@register()
+def check_metrics(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """
+    Reject a METRICS_ALLOWED_IPS entry that is neither an address nor a network.
+    """
+    try:
+        metrics.allowed_networks()
+    except ValueError as exc:
+        return [Error(f"MESSAGING_METRICS_ALLOWED_IPS: {exc}", id="messaging.E007")]
+    return []

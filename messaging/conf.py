@@ -42,6 +42,10 @@ DEFAULTS: dict[str, Any] = {
     "MESSAGING_PAGE_MAX": 1000,
     # Under daphne, delivery frames are written to the socket directly (messaging.frames).
     "MESSAGING_DIRECT_FRAMES": True,
+    # Who may read /metrics (messaging.metrics): a bearer token, and/or addresses or networks
+    # (a list, or a comma-separated string). Both set: both are required. Neither: 404 for all.
+    "MESSAGING_METRICS_TOKEN": None,
+    "MESSAGING_METRICS_ALLOWED_IPS": [],
 }
 
 

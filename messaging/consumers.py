@@ -27,7 +27,7 @@ from clients import services as client_services
 from clients import sessions as client_sessions
 from clients.errors import Malformed, RateLimited, ServiceError
 from clients.models import client_group, user_group
-from messaging import acks, batching, conf, frames, sends, services, throttle, validation
+from messaging import acks, batching, conf, frames, metrics, sends, services, throttle, validation
 from messaging.presence import online_peers
 from messaging.wire import delivery_frame, dumps, parse_json
 
@@ -310,6 +310,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
                     await self._detach_client()
 
     async def disconnect(self, code: int) -> None:
+        metrics.closed(code)
         self._stop_taking_pokes()
         self._unwatch_session()
         if self._flushing is not None:
@@ -627,6 +628,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
 
     async def _send_delivery(self, seq: int, message_id: int, tail: str) -> None:
         text = delivery_frame(seq, message_id, tail)
+        metrics.delivered()
         if self._direct is None or not self._direct(text):
             await self.send(text_data=text)
 
@@ -652,6 +654,7 @@ class DeliveryConsumer(AsyncWebsocketConsumer):
             await self._send_error("internal_error", "the server failed; retry", frame)
 
     async def _send_resync(self) -> None:
+        metrics.resynced()
         await self._send_error(
             "resync_required",
             "your queue reached its limit and later messages were not queued; load history, "

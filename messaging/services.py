@@ -20,7 +20,7 @@ from clients.errors import Conflict, Forbidden, NotFound, RateLimited
 from clients.models import Client, client_group, user_group
 from clients.push import channel_send_after_commit, group_send_after_commit, group_send_now
 from clients.services import AnyUser, get_own_client, lock_user, require_user, touch
-from messaging import batching, conf, validation
+from messaging import batching, conf, metrics, validation
 from messaging.models import Delivery, Message, Room
 from messaging.ratelimit import send_rate
 from messaging.wire import message_tail
@@ -107,6 +107,7 @@ def _validated(user: AnyUser | None, client_msg_id: object, to: object, body: ob
     return owner, cmid, kind, name, validation.body_json(body)
 
 
+@metrics.sends_counted
 def send_many(requests: list[SendRequest]) -> list[SendResult | Exception]:
     """
     Store several sends, each as send_message would (a result, or the error it gets, in order).
@@ -350,6 +351,7 @@ def head_of(client_id: uuid.UUID | str) -> int:
     return head
 
 
+@metrics.acks_counted()
 def ack(user: AnyUser | None, client_id: object, seq: object) -> int:
     """
     Delete the client's deliveries with seq <= `seq` (cumulative and idempotent; an ack above
@@ -375,6 +377,7 @@ def ack(user: AnyUser | None, client_id: object, seq: object) -> int:
     return upto
 
 
+@metrics.acks_counted(per=len)
 def ack_many(acks: dict[uuid.UUID, int]) -> None:
     """
     Cumulative acks of several attached clients (client id: seq, already validated) in one

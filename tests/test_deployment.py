@@ -265,6 +265,15 @@ def test_the_documented_shape_serves_pages_api_sockets_and_static_files(stack):
     form = f"multipart/form-data; boundary={boundary}"
     status, _, data = browser.request("POST", f"/api/clients/{client_id}/close", beacon, form)
     assert status == 204, data
+    # /metrics: refused by nginx; served on daphne's loopback port over plain HTTP (exempt from
+    # the HTTPS redirect) to the address deploy/production.env allows.
+    status, _, _ = browser.request("GET", "/metrics")
+    assert status == 404
+    conn = http.client.HTTPConnection("127.0.0.1", stack.server.port, timeout=5)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    assert response.status == 200 and b"tabrelay_sends_total" in response.read()
+    conn.close()
 
 
 # -- hostile bodies ------------------------------------------------------------------------------

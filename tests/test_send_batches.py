@@ -4,6 +4,7 @@ no faster than its sockets get the messages (clients.push.caught_up)."""
 
 import asyncio
 import threading
+import time
 import uuid
 
 import pytest
@@ -132,7 +133,7 @@ async def test_sends_wait_while_the_process_has_pokes_to_hand_over(monkeypatch):
             await asyncio.sleep(0.1)
 
         for _ in range(3):  # 3 pushes of 5 events: 15 pending, over the bound of 10
-            pushes.add((slow_send_all, None, [("c", {})] * 5))
+            pushes.add((slow_send_all, None, [("c", {})] * 5, time.monotonic()))
         waited = loop.time()
         await push.caught_up()
         # The first push done leaves 10: the bound, so the wait ends there.
@@ -142,7 +143,7 @@ async def test_sends_wait_while_the_process_has_pokes_to_hand_over(monkeypatch):
         def stuck(layer, events, background=None):
             return asyncio.sleep(10)
 
-        pushes.add((stuck, None, [("c", {})] * 20))
+        pushes.add((stuck, None, [("c", {})] * 20, time.monotonic()))
         waited = loop.time()
         await push.caught_up()
         assert 0.25 < loop.time() - waited < 5  # BACKLOG_WAIT_MAX, not the stuck push
