@@ -297,9 +297,14 @@ def _env_setting(raw: str) -> object:
         return raw
 
 
+# Settings that are text whatever they look like (a token of digits stays a string).
+_TEXT_SETTINGS = {"MESSAGING_SERVER_API_TOKEN", "MESSAGING_SERVER_SENDER"}
+
 # Every app setting (clients/conf.py, messaging/conf.py) can also come from the environment.
 for _name, _raw in os.environ.items():
-    if _name.startswith(("MESSAGING_", "CLIENTS_")):
+    if _name in _TEXT_SETTINGS:
+        globals()[_name] = _raw.strip() or None
+    elif _name.startswith(("MESSAGING_", "CLIENTS_")):
         globals()[_name] = _env_setting(_raw)
 
 LOGGING = {

@@ -8,6 +8,8 @@ from messaging import conf
 
 # daphne drops frames over this size without a close frame, so the app's own limit must stay below.
 DAPHNE_MAX_FRAME = 1024 * 1024
+# The shortest bearer token of the server API (secrets.token_urlsafe(32) gives 43 characters).
+SERVER_TOKEN_MIN = 32
 
 
 @register()
@@ -58,6 +60,22 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         )
     if typing is not None and (not isinstance(typing, int | float) or typing <= 0):
         errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E005"))
+    token = conf.get("MESSAGING_SERVER_API_TOKEN")
+    if token is not None and (not isinstance(token, str) or len(token) < SERVER_TOKEN_MIN):
+        # A guessable token opens publishing to every user and room.
+        errors.append(
+            Error(
+                f"MESSAGING_SERVER_API_TOKEN must be None (the server API off) or a string of at"
+                f" least {SERVER_TOKEN_MIN} characters.",
+                id="messaging.E006",
+            )
+        )
+    for name in ("MESSAGING_SERVER_SENDER",):
+        value = conf.get(name)
+        if not isinstance(value, str) or not 1 <= len(value) <= 100:
+            errors.append(
+                Error(f"{name} must be a string of 1 to 100 characters.", id="messaging.E007")
+            )
     return errors
 
 

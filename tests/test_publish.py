@@ -1,0 +1,177 @@
+"""The server's publish (messaging.publishing): transactional, idempotent, a tab's guarantees."""
+
+import asyncio
+import threading
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import transaction
+
+from clients.errors import Malformed, NotFound
+from clients.models import Client
+from messaging import apublish, publish
+from messaging.models import Delivery, Message, Room
+from tests.conftest import api_post, connect_tab, http_as, new_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SERVER_FROM = {"user": None, "client_id": None, "server": "orders"}
+
+
+class Crash(Exception):
+    pass
+
+
+@database_sync_to_async
+def counts() -> tuple[int, int]:
+    return Message.objects.count(), Delivery.objects.count()
+
+
+@database_sync_to_async
+def http_page(user, client_id: str) -> dict:
+    response = http_as(user).get(f"/api/clients/{client_id}/messages")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+@database_sync_to_async
+def make_room(name: str, *members) -> Room:
+    room = Room.objects.create(name=name)
+    room.members.add(*members)
+    return room
+
+
+async def test_publish_in_a_rolled_back_transaction_delivers_nothing(alice, bob):
+    """A publish whose surrounding transaction rolls back stores and pushes nothing."""
+    online, offline = await new_client(bob), await new_client(bob)
+    tab = await connect_tab(bob, online)
+
+    def business_change_that_fails():
+        with transaction.atomic():
+            Room.objects.create(name="orders-42")
+            publish(alice, {"text": "not for alice"}, key="k-alice")
+            publish(bob, {"text": "your order shipped"}, key="order-42", sender="orders")
+            raise Crash
+
+    with pytest.raises(Crash):
+        await database_sync_to_async(business_change_that_fails)()
+    assert await counts() == (0, 0)
+    assert await tab.nothing(0.3)
+    assert (await http_page(bob, offline))["deliveries"] == []
+    # The retry of the task (same key) is a new publish: nothing of the first one was kept.
+    result = await database_sync_to_async(publish)(bob, {"text": "again"}, key="order-42")
+    assert result.duplicate is False
+    assert (await tab.deliveries(1))[0]["message"]["body"] == {"text": "again"}
+    await tab.disconnect()
+
+
+async def test_publish_in_a_committed_transaction_reaches_every_tab_once_after_commit(bob, carol):
+    """Inside a committed transaction, every tab of the target gets the message exactly once,
+    pushed only once the transaction commits; tabs offline then catch up over HTTP and a later
+    socket; the ack deletes it."""
+    online, offline, later = [await new_client(bob) for _ in range(3)]
+    other = await new_client(carol)
+    tab = await connect_tab(bob, online)
+    published, commit = threading.Event(), threading.Event()
+
+    def business_change():
+        with transaction.atomic():
+            Room.objects.create(name="orders-43")
+            publish(bob, {"text": "your order shipped"}, key="order-43", sender="orders")
+            published.set()
+            assert commit.wait(5)
+
+    task = asyncio.ensure_future(database_sync_to_async(business_change)())
+    assert await asyncio.to_thread(published.wait, 5)
+    assert await tab.nothing(0.3)  # not before the commit
+    commit.set()
+    await task
+
+    (frame,) = await tab.deliveries(1)
+    message = frame["message"]
+    assert frame["seq"] == 1
+    assert message["from"] == SERVER_FROM
+    assert message["to"] == {"user": "bob"} and message["body"] == {"text": "your order shipped"}
+    assert await tab.nothing(0.3)  # once
+
+    page = await http_page(bob, offline)
+    assert [(d["seq"], d["message"]) for d in page["deliveries"]] == [(1, message)]
+    late = await connect_tab(bob, later)
+    assert [f["message"]["id"] for f in await late.deliveries(1)] == [message["id"]]
+    assert await late.nothing(0.3)
+    assert (await http_page(carol, other))["deliveries"] == []
+
+    await tab.send({"type": "ack", "seq": 1})
+    for _ in range(50):
+        if not await database_sync_to_async(Delivery.objects.filter(client_id=online).exists)():
+            break
+        await asyncio.sleep(0.05)
+    assert await database_sync_to_async(Delivery.objects.count)() == 2  # the other two tabs'
+    await tab.disconnect()
+    await late.disconnect()
+
+
+async def test_a_retried_publish_with_the_same_key_stores_one_message(alice, bob, carol):
+    """Publishing twice with one key stores one message, delivered once to each member's tab,
+    and answers the retry with the stored id."""
+    await make_room("lobby", alice, bob)
+    a, b, c = await new_client(alice), await new_client(bob), await new_client(carol)
+    tab = await connect_tab(bob, b)
+    first = await apublish({"room": "lobby"}, {"text": "maintenance at 3"}, key="notice-1")
+    again = await apublish("room:lobby", {"text": "maintenance at 3"}, key="notice-1")
+    assert not first.duplicate and again.duplicate and again.id == first.id
+    assert await counts() == (1, 2)
+    (frame,) = await tab.deliveries(1)
+    assert frame["message"]["from"] == {"user": None, "client_id": None, "server": "server"}
+    assert frame["message"]["to"] == {"room": "lobby"}
+    assert await tab.nothing(0.3)
+    assert len((await http_page(alice, a))["deliveries"]) == 1
+    assert (await http_page(carol, c))["deliveries"] == []
+    # The room's history has it, for tabs that resync.
+    history = await database_sync_to_async(
+        lambda: http_as(alice).get("/api/rooms/lobby/messages").json()
+    )()
+    assert [m["id"] for m in history["messages"]] == [first.id]
+    await tab.disconnect()
+
+
+async def test_publish_keeps_the_queue_bound(bob, settings):
+    """Past MESSAGING_QUEUE_LIMIT a client gets resync_required, as with a tab's sends."""
+    settings.MESSAGING_QUEUE_LIMIT = 2
+    client_id = await new_client(bob)
+    for i in range(3):
+        await apublish(bob, i)
+    head, resync = await database_sync_to_async(
+        lambda: Client.objects.values_list("head", "resync_required").get(pk=client_id)
+    )()
+    assert (head, resync) == (2, True)
+    assert (await http_page(bob, client_id))["resync_required"] is True
+
+
+def test_publish_refuses_unknown_targets_and_bad_input(bob):
+    """Unknown users and rooms, bad targets, keys and bodies are ServiceErrors; nothing stored."""
+    with pytest.raises(NotFound, match="nobody"):
+        publish({"user": "nobody"}, 1)
+    with pytest.raises(NotFound, match="nowhere"):
+        publish("room:nowhere", 1)
+    for to in ("bob", "group:x", {"user": "bob", "room": "x"}):
+        with pytest.raises(Malformed):
+            publish(to, 1)
+    with pytest.raises(Malformed):
+        publish(bob, float("nan"))
+    with pytest.raises(Malformed):
+        publish(bob, 1, key="")
+    assert Message.objects.count() == 0
+
+
+async def test_tabs_sends_are_unchanged_beside_server_messages(alice, bob):
+    """A tab's send still reaches the sender's tabs and is deduplicated by its client_msg_id."""
+    a, b = await new_client(alice), await new_client(bob)
+    await apublish(bob, "from the server", key="m1")
+    http = await database_sync_to_async(http_as)(alice)
+    payload = {"client_id": a, "client_msg_id": "m1", "to": {"user": "bob"}, "body": "hi"}
+    response = await database_sync_to_async(api_post)(http, "/api/messages/", payload)
+    assert response.status_code == 201
+    page = await http_page(bob, b)
+    assert [d["message"]["body"] for d in page["deliveries"]] == ["from the server", "hi"]
+    assert page["deliveries"][1]["message"]["from"] == {"user": "alice", "client_id": a}
