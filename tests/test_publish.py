@@ -11,7 +11,7 @@ from clients.errors import Malformed, NotFound
 from clients.models import Client
 from messaging import apublish, publish
 from messaging.models import Delivery, Message, Room
-from tests.conftest import api_post, connect_tab, http_as, new_client
+from tests.conftest import api_post, connect_tab, http_as, new_client, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -175,3 +175,69 @@ async def test_tabs_sends_are_unchanged_beside_server_messages(alice, bob):
     page = await http_page(bob, b)
     assert [d["message"]["body"] for d in page["deliveries"]] == ["from the server", "hi"]
     assert page["deliveries"][1]["message"]["from"] == {"user": "alice", "client_id": a}
+
+
+TOKEN = "t" * 40
+
+
+def server_post(payload, token: str | None = TOKEN, **extra):
+    headers = {} if token is None else {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    return api_post(http_as(None, csrf=True), "/api/server/publish", payload, **headers, **extra)
+
+
+def test_server_api_is_off_without_a_token(bob, settings):
+    """Unset MESSAGING_SERVER_API_TOKEN: the endpoint answers 404, whatever the caller sends."""
+    settings.MESSAGING_SERVER_API_TOKEN = None
+    response = server_post({"to": {"user": "bob"}, "body": 1})
+    assert response.status_code == 404
+    assert Message.objects.count() == 0
+
+
+def test_server_api_refuses_a_missing_or_wrong_token(bob, settings):
+    """401 with the error shape and a Bearer challenge: no token, a wrong one, another scheme."""
+    settings.MESSAGING_SERVER_API_TOKEN = TOKEN
+    payload = {"to": {"user": "bob"}, "body": 1}
+    for response in (
+        server_post(payload, token=None),
+        server_post(payload, token="t" * 39 + "u"),
+        server_post(payload, token=""),
+        server_post(payload, token=None, HTTP_AUTHORIZATION=f"Basic {TOKEN}"),
+    ):
+        assert response.status_code == 401, response.content
+        assert response.json()["error"]["code"] == "not_authenticated"
+        assert response["WWW-Authenticate"].startswith("Bearer")
+    assert Message.objects.count() == 0
+
+
+def test_server_api_publishes_with_the_right_token(bob, settings):
+    """The right token (no session, no CSRF token) publishes: 201, then 200 duplicate for a retry
+    of its key; bad input gets the API's usual 400/404/405/413 errors."""
+    settings.MESSAGING_SERVER_API_TOKEN = TOKEN
+    client_id = register(http_as(bob))
+    payload = {"to": {"user": "bob"}, "body": {"text": "hi"}, "key": "k1", "sender": "billing"}
+    first = server_post(payload)
+    assert first.status_code == 201, first.content
+    again = server_post(payload)
+    assert again.status_code == 200 and again.json() == {
+        "id": first.json()["id"],
+        "duplicate": True,
+    }
+    (delivery,) = http_as(bob).get(f"/api/clients/{client_id}/messages").json()["deliveries"]
+    assert delivery["message"]["from"] == {"user": None, "client_id": None, "server": "billing"}
+
+    def status(payload, **extra):
+        response = server_post(payload, **extra)
+        return response.status_code, response.json()["error"]["code"]
+
+    assert status({"to": {"user": "nobody"}, "body": 1}) == (404, "unknown_user")
+    assert status({"to": {"room": "nowhere"}, "body": 1}) == (404, "unknown_room")
+    assert status({"to": "user:bob", "body": 1}) == (400, "invalid_to")
+    assert status({"to": {"user": "bob"}}) == (400, "invalid_body")
+    assert status({"to": {"user": "bob"}, "body": 1, "key": 5}) == (400, "invalid_key")
+    assert status([1]) == (400, "malformed")
+    settings.MESSAGING_MAX_BODY_BYTES = 100
+    big = {"to": {"user": "bob"}, "body": "x" * 101}
+    assert status(big)[0] == 413
+    response = http_as(None).get("/api/server/publish", HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
+    assert response.status_code == 405
+    assert Message.objects.count() == 1
