@@ -1,10 +1,18 @@
 """The server's publish (messaging.publishing): transactional, idempotent, a tab's guarantees."""
 
 import asyncio
+import io
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.core.management import CommandError, call_command
 from django.db import transaction
 
 from clients.errors import Malformed, NotFound
@@ -240,4 +248,125 @@ def test_server_api_publishes_with_the_right_token(bob, settings):
     assert status(big)[0] == 413
     response = http_as(None).get("/api/server/publish", HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
     assert response.status_code == 405
+    assert Message.objects.count() == 1
+
+
+# -- the command and the admin action ---------------------------------------------------------
+
+
+def test_publish_command_publishes_and_refuses_bad_input(bob):
+    """manage.py publish prints the id, stores once per key, and refuses unknown targets and bad
+    JSON with a clear message and a non-zero exit status."""
+    client_id = register(http_as(bob))
+    out = io.StringIO()
+    call_command(
+        "publish", "--to", "user:bob", "--body", '{"text": "hi"}', "--key", "c1", stdout=out
+    )
+    message = Message.objects.get()
+    assert out.getvalue().strip() == f"published message {message.id}"
+    out = io.StringIO()
+    call_command("publish", "--to", "user:bob", "--body", "1", "--key", "c1", stdout=out)
+    assert "already published" in out.getvalue() and Message.objects.count() == 1
+    (delivery,) = http_as(bob).get(f"/api/clients/{client_id}/messages").json()["deliveries"]
+    assert delivery["message"]["from"]["server"] == "server"
+
+    def refused(*args: str) -> tuple[int, str]:
+        with pytest.raises(CommandError) as info:
+            call_command("publish", *args)
+        return info.value.returncode, str(info.value)
+
+    assert refused("--to", "user:nobody", "--body", "1") == (2, "no user named 'nobody'")
+    assert refused("--to", "room:nowhere", "--body", "1") == (2, "no room named 'nowhere'")
+    code, text = refused("--to", "bob", "--body", "1")
+    assert code == 1 and "user:NAME or room:NAME" in text
+    code, text = refused("--to", "user:bob", "--body", "{bad")
+    assert code == 1 and "--body is not valid JSON" in text
+    assert Message.objects.count() == 1
+
+
+def test_publish_command_exit_status_and_help():
+    """Run as a program: --help documents the exit codes; bad JSON exits 1 with stderr."""
+    env = {**os.environ, "DJANGO_SECRET_KEY": "test-only", "DJANGO_DEBUG": "1"}
+    run = [sys.executable, str(Path(__file__).parents[1] / "manage.py"), "publish"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert helped.returncode == 0 and "--to TARGET" in helped.stdout
+    assert "Exit status" in helped.stdout
+    bad = subprocess.run(
+        [*run, "--to", "user:bob", "--body", "{bad"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert bad.returncode == 1, bad.stderr
+    assert "CommandError: --body is not valid JSON" in bad.stderr
+
+
+@pytest.fixture
+def staff(db):
+    user = get_user_model().objects.create_user("staff", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_user", "change_user", "view_room"])
+    )
+    return user
+
+
+def action_post(http, url: str, pks, **fields):
+    data = {"action": "send_message", "_selected_action": [str(pk) for pk in pks], **fields}
+    return http.post(url, data)
+
+
+def test_admin_action_sends_to_users_and_rooms_once(alice, bob, carol):
+    """A superuser picks users (or a room), composes, and each target's tabs get the message;
+    a second submit of the same page sends nothing new; bad JSON is refused on the page."""
+    root = get_user_model().objects.create_superuser("root", password="pw")
+    http = http_as(root)
+    clients = {u.username: register(http_as(u)) for u in (alice, bob, carol)}
+    url = "/admin/auth/user/"
+    assert "Send a message…" in http.get(url).content.decode()
+
+    page = action_post(http, url, [alice.pk, bob.pk])
+    assert page.status_code == 200 and b'name="text"' in page.content
+    key = page.context["form"]["key"].value()
+    fields = {"post": "yes", "text": "Back at 3", "sender": "ops", "key": key}
+    for _ in range(2):
+        done = action_post(http, url, [alice.pk, bob.pk], **fields)
+        assert done.status_code == 302, done.content
+    assert Message.objects.count() == 2
+    for name in ("alice", "bob"):
+        user = get_user_model().objects.get(username=name)
+        (d,) = http_as(user).get(f"/api/clients/{clients[name]}/messages").json()["deliveries"]
+        assert d["message"]["body"] == {"text": "Back at 3"}
+        assert d["message"]["from"] == {"user": None, "client_id": None, "server": "ops"}
+
+    bad = action_post(
+        http, url, [carol.pk], post="yes", text="{bad", as_json="on", sender="x", key="k"
+    )
+    assert bad.status_code == 200 and b"not valid JSON" in bad.content
+
+    room = Room.objects.create(name="lobby")
+    room.members.add(carol)
+    rooms = "/admin/messaging/room/"
+    fields = {"post": "yes", "text": '{"n": 1}', "as_json": "on", "sender": "ops", "key": "r1"}
+    assert action_post(http, rooms, [room.pk], **fields).status_code == 302
+    (d,) = http_as(carol).get(f"/api/clients/{clients['carol']}/messages").json()["deliveries"]
+    assert d["message"]["body"] == {"n": 1} and d["message"]["to"] == {"room": "lobby"}
+    assert Message.objects.count() == 3
+
+
+def test_admin_action_needs_the_publish_permission(bob, staff):
+    """Staff without messaging.publish_message are not offered the action, and posting it sends
+    nothing; with the permission they are offered it."""
+    http = http_as(staff)
+    url = "/admin/auth/user/"
+    assert "Send a message…" not in http.get(url).content.decode()
+    fields = {"post": "yes", "text": "hi", "sender": "ops", "key": "k"}
+    response = action_post(http, url, [bob.pk], **fields)
+    assert response.status_code in (200, 302)
+    assert Message.objects.count() == 0
+    staff.user_permissions.add(Permission.objects.get(codename="publish_message"))
+    staff = get_user_model().objects.get(pk=staff.pk)  # no cached permissions
+    http = http_as(staff)
+    assert "Send a message…" in http.get(url).content.decode()
+    assert action_post(http, url, [bob.pk], **fields).status_code == 302
     assert Message.objects.count() == 1
