@@ -44,7 +44,8 @@ class ComposeForm(forms.Form):
     key = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data
         text = data.get("text")
         if text is None:
             return data
