@@ -17,6 +17,7 @@ urlpatterns = [
     path("rooms/<str:name>/messages", views.room_messages),
     path("direct/", views.direct_collection),
     path("direct/<str:name>/messages", views.direct_messages),
+    path("notices/", views.notices),
     path("server/publish", server_api.publish),
     re_path(r"^.*$", views.not_found),
 ]

@@ -585,3 +585,8 @@ def test_the_servers_messages_are_shown_apart_and_cannot_be_answered(tabs, serve
     page.wait_for_selector("#room-title:has-text('Notices')")
     expect_shown(page, ["your report is ready"])
     assert page.locator("#composer-input").is_disabled()
+
+    # A new tab (a new client, an empty queue) finds the notice in the notices history.
+    fresh = tabs.open(tabs.context("bob"), "news")
+    fresh.click("#directs a[data-key='!notices']")
+    expect_shown(fresh, ["your report is ready"])

@@ -370,3 +370,30 @@ def test_admin_action_needs_the_publish_permission(bob, staff):
     assert "Send a message…" in http.get(url).content.decode()
     assert action_post(http, url, [bob.pk], **fields).status_code == 302
     assert Message.objects.count() == 1
+
+
+async def test_notices_history_has_the_users_server_messages_past_a_full_queue(
+    alice, bob, settings
+):
+    """Server messages to a user past the queue bound are in GET /api/notices/, the caller's
+    only, newest last, paged by before; room publishes and tabs' messages are not."""
+    settings.MESSAGING_QUEUE_LIMIT = 2
+    await new_client(bob)
+    await make_room("lobby", bob)
+    ids = [(await apublish(bob, n)).id for n in range(4)]
+    await apublish(alice, "alice's")
+    await apublish("room:lobby", "room")
+
+    def notices(user, query=""):
+        response = http_as(user).get(f"/api/notices/{query}")
+        assert response.status_code == 200, response.content
+        return response.json()["messages"]
+
+    got = await database_sync_to_async(notices)(bob)
+    assert [m["id"] for m in got] == ids and [m["body"] for m in got] == [0, 1, 2, 3]
+    assert all(m["from"]["server"] == "server" for m in got)
+    older = await database_sync_to_async(notices)(bob, f"?before={ids[2]}&limit=1")
+    assert [m["id"] for m in older] == [ids[1]]
+    assert [m["body"] for m in await database_sync_to_async(notices)(alice)] == ["alice's"]
+    anonymous = await database_sync_to_async(lambda: http_as(None).get("/api/notices/"))()
+    assert anonymous.status_code == 401

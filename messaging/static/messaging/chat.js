@@ -78,7 +78,7 @@ function room(key) {
       peer,
       members: peer === null ? [] : [...new Set([me, peer])],
       messages: new Map(),
-      loaded: kind === "server", // no history to load: what this tab received
+      loaded: false,
       unread: 0,
       cached: false,
     });
@@ -418,7 +418,11 @@ function loadHistory(key, options = {}) {
 
 async function fetchHistory(key, { unread = false } = {}) {
   // `unread`: a reload after a resync, whose new messages from others the page has not shown.
-  const messages = await withRetry(() => relay.history(targetOf(key), { limit: 100 }));
+  const messages = await withRetry(() =>
+    key === NOTICES ? relay.notices({ limit: 100 }) : relay.history(targetOf(key), { limit: 100 }),
+  );
+  // No Notices conversation until the server has sent this user something.
+  if (key === NOTICES && messages.length === 0 && !rooms.has(NOTICES)) return;
   const target = room(key);
   let fresh = 0;
   for (const message of messages) {
@@ -598,6 +602,7 @@ relay.on("resync", async () => {
       console.warn(`chat: could not reload the history of ${key}`, error);
     });
   for (const r of rooms.values()) if (r.loaded) reload(r.name);
+  if (!rooms.has(NOTICES)) reload(NOTICES);
   try {
     for (const r of await loadDirects()) reload(r.name);
   } catch (error) {
@@ -679,7 +684,10 @@ async function start() {
   // Registered before history is read: every later message is in this tab's queue, and
   // anything in both is one message by id.
   await relay.connect();
-  await Promise.all([loadRooms(), loadDirects()]);
+  const notices = loadHistory(NOTICES).catch((error) => {
+    console.warn("chat: could not load the server's notices", error);
+  });
+  await Promise.all([loadRooms(), loadDirects(), notices]);
   saveCache();
   const roomNames = [...rooms.values()].filter((r) => r.kind === "room").map((r) => r.name);
   let first = roomNames.sort()[0];
