@@ -70,12 +70,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="messaging.E006",
             )
         )
-    for name in ("MESSAGING_SERVER_SENDER",):
-        value = conf.get(name)
-        if not isinstance(value, str) or not 1 <= len(value) <= 100:
-            errors.append(
-                Error(f"{name} must be a string of 1 to 100 characters.", id="messaging.E007")
+    sender = conf.get("MESSAGING_SERVER_SENDER")
+    if not isinstance(sender, str) or not 1 <= len(sender) <= 100:
+        errors.append(
+            Error(
+                "MESSAGING_SERVER_SENDER must be a string of 1 to 100 characters.",
+                id="messaging.E007",
             )
+        )
     return errors
 
 

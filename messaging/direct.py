@@ -30,7 +30,10 @@ def conversations(user: AnyUser | None, limit: int) -> list[dict]:
     last: dict[int, int] = {}
     for partner, last_id in [
         *direct.filter(sender=owner.pk).values_list("to_user").annotate(last=Max("id")),
-        *direct.filter(to_user=owner.pk).values_list("sender").annotate(last=Max("id")),
+        # (The server's messages have no sender: they are the notices, below.)
+        *direct.filter(to_user=owner.pk, sender__isnull=False)
+        .values_list("sender")
+        .annotate(last=Max("id")),
     ]:
         last[partner] = max(last_id, last.get(partner, 0))
     newest = sorted(last.items(), key=lambda item: item[1], reverse=True)[:limit]

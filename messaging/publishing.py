@@ -53,8 +53,9 @@ def publish_request(
     kind, name = target_of(to)
     body_text = validation.body_json(body)
     if key is None:
-        # Nothing to retry by: a key of its own, in a namespace no caller's key can reach.
-        client_msg_id = f"\x01{uuid.uuid4().hex}"
+        # Nothing to retry by: a key of its own, unique (a caller's key could only meet it by
+        # copying it).
+        client_msg_id = f"auto:{uuid.uuid4().hex}"
     else:
         client_msg_id = validation.clean_text(key, "key", max_length=MAX_KEY)
     label = conf.get("MESSAGING_SERVER_SENDER") if sender is None else sender

@@ -18,6 +18,7 @@ from django.db import transaction
 from clients.errors import Malformed, NotFound
 from clients.models import Client
 from messaging import apublish, publish
+from messaging.checks import check_settings
 from messaging.models import Delivery, Message, Room
 from tests.conftest import api_post, connect_tab, http_as, new_client, register
 
@@ -397,3 +398,15 @@ async def test_notices_history_has_the_users_server_messages_past_a_full_queue(
     assert [m["body"] for m in await database_sync_to_async(notices)(alice)] == ["alice's"]
     anonymous = await database_sync_to_async(lambda: http_as(None).get("/api/notices/"))()
     assert anonymous.status_code == 401
+    # They are no direct conversation (with nobody).
+    direct = await database_sync_to_async(lambda: http_as(bob).get("/api/direct/").json())()
+    assert direct == {"conversations": []}
+
+
+def test_a_short_or_non_text_server_token_is_a_system_check_error(settings):
+    """MESSAGING_SERVER_API_TOKEN must be None or 32+ characters of text (messaging.E006)."""
+    for bad in ("short", 12345678901234567890123456789012345):
+        settings.MESSAGING_SERVER_API_TOKEN = bad
+        assert "messaging.E006" in [e.id for e in check_settings()]
+    settings.MESSAGING_SERVER_API_TOKEN = "x" * 32
+    assert "messaging.E006" not in [e.id for e in check_settings()]
