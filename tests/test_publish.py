@@ -13,7 +13,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import connection, transaction
 
 from clients.errors import Malformed, NotFound
 from clients.models import Client
@@ -410,3 +410,34 @@ def test_a_short_or_non_text_server_token_is_a_system_check_error(settings):
         assert "messaging.E006" in [e.id for e in check_settings()]
     settings.MESSAGING_SERVER_API_TOKEN = "x" * 32
     assert "messaging.E006" not in [e.id for e in check_settings()]
+
+
+async def test_publish_in_a_transaction_does_not_wait_for_a_batch_waiting_for_it(alice, bob):
+    """On SQLite the caller's transaction holds the write lock; a tab's send batch that waits
+    for it must not hold anything the publish inside that transaction needs (no deadlock until
+    the busy timeout)."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's single writer only")
+    a, b = await new_client(alice), await new_client(bob)
+    tab = await connect_tab(alice, a)
+    holding, publish_now = threading.Event(), threading.Event()
+
+    def business_change():
+        with transaction.atomic():
+            Room.objects.create(name="orders-44")  # the write lock is this transaction's now
+            holding.set()
+            assert publish_now.wait(5)
+            publish(bob, "shipped", key="order-44")
+
+    task = asyncio.ensure_future(database_sync_to_async(business_change)())
+    assert await asyncio.to_thread(holding.wait, 5)
+    await tab.send({"type": "send", "client_msg_id": "m1", "to": {"user": "bob"}, "body": "hi"})
+    await asyncio.sleep(0.3)  # the send batch is waiting for the database now
+    publish_now.set()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(task, 10)
+    assert (await tab.recv_type("sent", timeout=10))["duplicate"] is False
+    assert asyncio.get_running_loop().time() - started < 5
+    page = await http_page(bob, b)
+    assert sorted(d["message"]["body"] for d in page["deliveries"]) == ["hi", "shipped"]
+    await tab.disconnect()
