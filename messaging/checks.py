@@ -67,7 +67,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             Error(
                 f"MESSAGING_SERVER_API_TOKEN must be None (the server API off) or a string of at"
                 f" least {SERVER_TOKEN_MIN} characters.",
-                id="messaging.E006",
+                id="messaging.E007",
             )
         )
     sender = conf.get("MESSAGING_SERVER_SENDER")
@@ -75,7 +75,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         errors.append(
             Error(
                 "MESSAGING_SERVER_SENDER must be a string of 1 to 100 characters.",
-                id="messaging.E007",
+                id="messaging.E008",
             )
         )
     return errors

@@ -404,12 +404,12 @@ async def test_notices_history_has_the_users_server_messages_past_a_full_queue(
 
 
 def test_a_short_or_non_text_server_token_is_a_system_check_error(settings):
-    """MESSAGING_SERVER_API_TOKEN must be None or 32+ characters of text (messaging.E006)."""
+    """MESSAGING_SERVER_API_TOKEN must be None or 32+ characters of text (messaging.E007)."""
     for bad in ("short", 12345678901234567890123456789012345):
         settings.MESSAGING_SERVER_API_TOKEN = bad
-        assert "messaging.E006" in [e.id for e in check_settings()]
+        assert "messaging.E007" in [e.id for e in check_settings()]
     settings.MESSAGING_SERVER_API_TOKEN = "x" * 32
-    assert "messaging.E006" not in [e.id for e in check_settings()]
+    assert "messaging.E007" not in [e.id for e in check_settings()]
 
 
 async def test_publish_in_a_transaction_does_not_wait_for_a_batch_waiting_for_it(alice, bob):
