@@ -60,24 +60,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         )
     if typing is not None and (not isinstance(typing, int | float) or typing <= 0):
         errors.append(Error("MESSAGING_TYPING_INTERVAL must be None or > 0.", id="messaging.E005"))
-    token = conf.get("MESSAGING_SERVER_API_TOKEN")
-    if token is not None and (not isinstance(token, str) or len(token) < SERVER_TOKEN_MIN):
-        # A guessable token opens publishing to every user and room.
-        errors.append(
-            Error(
-                f"MESSAGING_SERVER_API_TOKEN must be None (the server API off) or a string of at"
-                f" least {SERVER_TOKEN_MIN} characters.",
-                id="messaging.E007",
-            )
-        )
-    sender = conf.get("MESSAGING_SERVER_SENDER")
-    if not isinstance(sender, str) or not 1 <= len(sender) <= 100:
-        errors.append(
-            Error(
-                "MESSAGING_SERVER_SENDER must be a string of 1 to 100 characters.",
-                id="messaging.E008",
-            )
-        )
     return errors
 
 
@@ -105,4 +87,31 @@ def check_database(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                         id="messaging.E004",
                     )
                 )
+    return errors
+
+
+@register()
+def check_server_api(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """
+    Reject a server API token anyone could guess, and a sender label no message could carry.
+    """
+    errors = []
+    token = conf.get("MESSAGING_SERVER_API_TOKEN")
+    if token is not None and (not isinstance(token, str) or len(token) < SERVER_TOKEN_MIN):
+        # A guessable token opens publishing to every user and room.
+        errors.append(
+            Error(
+                f"MESSAGING_SERVER_API_TOKEN must be None (the server API off) or a string of at"
+                f" least {SERVER_TOKEN_MIN} characters.",
+                id="messaging.E007",
+            )
+        )
+    sender = conf.get("MESSAGING_SERVER_SENDER")
+    if not isinstance(sender, str) or not 1 <= len(sender) <= 100:
+        errors.append(
+            Error(
+                "MESSAGING_SERVER_SENDER must be a string of 1 to 100 characters.",
+                id="messaging.E008",
+            )
+        )
     return errors

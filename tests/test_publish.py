@@ -18,7 +18,7 @@ from django.db import connection, transaction
 from clients.errors import Malformed, NotFound
 from clients.models import Client
 from messaging import apublish, publish
-from messaging.checks import check_settings
+from messaging.checks import check_server_api
 from messaging.models import Delivery, Message, Room
 from tests.conftest import api_post, connect_tab, http_as, new_client, register
 
@@ -407,9 +407,9 @@ def test_a_short_or_non_text_server_token_is_a_system_check_error(settings):
     """MESSAGING_SERVER_API_TOKEN must be None or 32+ characters of text (messaging.E007)."""
     for bad in ("short", 12345678901234567890123456789012345):
         settings.MESSAGING_SERVER_API_TOKEN = bad
-        assert "messaging.E007" in [e.id for e in check_settings()]
+        assert "messaging.E007" in [e.id for e in check_server_api()]
     settings.MESSAGING_SERVER_API_TOKEN = "x" * 32
-    assert "messaging.E007" not in [e.id for e in check_settings()]
+    assert "messaging.E007" not in [e.id for e in check_server_api()]
 
 
 async def test_publish_in_a_transaction_does_not_wait_for_a_batch_waiting_for_it(alice, bob):
