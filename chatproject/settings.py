@@ -307,10 +307,14 @@ MESSAGING_METRICS_ALLOWED_IPS = [
 ]
 # Scraped over plain HTTP on daphne's loopback port: not redirected to HTTPS.
 SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
+# Settings that are text whatever they look like (a token of digits stays a string).
+_TEXT_SETTINGS = {"MESSAGING_SERVER_API_TOKEN", "MESSAGING_SERVER_SENDER"}
 
 # Every app setting (clients/conf.py, messaging/conf.py) can also come from the environment.
 for _name, _raw in os.environ.items():
-    if _name.startswith(("MESSAGING_", "CLIENTS_")):
+    if _name in _TEXT_SETTINGS:
+        globals()[_name] = _raw.strip() or None
+    elif _name.startswith(("MESSAGING_", "CLIENTS_")):
         globals()[_name] = _env_setting(_raw)
 
 LOGGING = {

@@ -3,8 +3,11 @@
 import json
 
 from django.contrib import admin
+from django.contrib.auth import get_user_model
 from django.db.models import Count
+from django.http import HttpRequest
 
+from messaging import admin_publish
 from messaging.models import Delivery, Message, Room
 
 # The index links the operator's overview (messaging/overview.py) above the apps.
@@ -87,6 +90,10 @@ class RoomAdmin(admin.ModelAdmin):
     list_select_related = ("created_by",)
     search_fields = ("name",)
     filter_horizontal = ("members",)
+    actions = [admin_publish.send_message_action]
+
+    def has_publish_permission(self, request: HttpRequest) -> bool:
+        return admin_publish.has_publish_permission(request)
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(num_members=Count("members"))
@@ -94,3 +101,25 @@ class RoomAdmin(admin.ModelAdmin):
     @admin.display(description="members", ordering="num_members")
     def member_count(self, obj: Room) -> int:
         return obj.num_members  # type: ignore[attr-defined]
+
+
+def _user_admin_with_publish() -> None:
+    # The user admin as registered (django.contrib.auth's, or the project's), plus the action.
+    User = get_user_model()
+    base = type(admin.site.get_model_admin(User))
+
+    class PublishingUserAdmin(base):  # type: ignore[valid-type, misc]
+        """
+        The user admin, with "Send a message…" to the selected users' tabs.
+        """
+
+        actions = [*(base.actions or []), admin_publish.send_message_action]
+
+        def has_publish_permission(self, request: HttpRequest) -> bool:
+            return admin_publish.has_publish_permission(request)
+
+    admin.site.unregister(User)
+    admin.site.register(User, PublishingUserAdmin)
+
+
+_user_admin_with_publish()

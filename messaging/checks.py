@@ -8,6 +8,8 @@ from messaging import conf, metrics
 
 # daphne drops frames over this size without a close frame, so the app's own limit must stay below.
 DAPHNE_MAX_FRAME = 1024 * 1024
+# The shortest bearer token of the server API (secrets.token_urlsafe(32) gives 43 characters).
+SERVER_TOKEN_MIN = 32
 
 
 @register()
@@ -98,3 +100,30 @@ def check_metrics(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     except ValueError as exc:
         return [Error(f"MESSAGING_METRICS_ALLOWED_IPS: {exc}", id="messaging.E007")]
     return []
+
+
+@register()
+def check_server_api(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """
+    Reject a server API token anyone could guess, and a sender label no message could carry.
+    """
+    errors = []
+    token = conf.get("MESSAGING_SERVER_API_TOKEN")
+    if token is not None and (not isinstance(token, str) or len(token) < SERVER_TOKEN_MIN):
+        # A guessable token opens publishing to every user and room.
+        errors.append(
+            Error(
+                f"MESSAGING_SERVER_API_TOKEN must be None (the server API off) or a string of at"
+                f" least {SERVER_TOKEN_MIN} characters.",
+                id="messaging.E008",
+            )
+        )
+    sender = conf.get("MESSAGING_SERVER_SENDER")
+    if not isinstance(sender, str) or not 1 <= len(sender) <= 100:
+        errors.append(
+            Error(
+                "MESSAGING_SERVER_SENDER must be a string of 1 to 100 characters.",
+                id="messaging.E009",
+            )
+        )
+    return errors

@@ -40,6 +40,11 @@ DEFAULTS: dict[str, Any] = {
     # Default and largest `limit` of the HTTP list calls.
     "MESSAGING_PAGE_DEFAULT": 100,
     "MESSAGING_PAGE_MAX": 1000,
+    # The `from.server` label of messages the server publishes without a sender of their own.
+    "MESSAGING_SERVER_SENDER": "server",
+    # The bearer token of POST /api/server/publish (docs/publish.md); None: the endpoint is off
+    # (404).
+    "MESSAGING_SERVER_API_TOKEN": None,
     # Under daphne, delivery frames are written to the socket directly (messaging.frames).
     "MESSAGING_DIRECT_FRAMES": True,
     # Who may read /metrics (messaging.metrics): a bearer token, and/or addresses or networks

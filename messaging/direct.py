@@ -1,5 +1,6 @@
 """
-Direct-message history: the conversations of a user and the messages of one of them.
+Direct-message history: the conversations of a user and the messages of one of them, and the
+server's messages to the user (its notices).
 
 A tab's queue is not the only copy of a direct message: past the queue bound (or for a new tab)
 the tab reloads them from here, as it reloads rooms from their history. Every query is relative
@@ -29,7 +30,10 @@ def conversations(user: AnyUser | None, limit: int) -> list[dict]:
     last: dict[int, int] = {}
     for partner, last_id in [
         *direct.filter(sender=owner.pk).values_list("to_user").annotate(last=Max("id")),
-        *direct.filter(to_user=owner.pk).values_list("sender").annotate(last=Max("id")),
+        # (The server's messages have no sender: they are the notices, below.)
+        *direct.filter(to_user=owner.pk, sender__isnull=False)
+        .values_list("sender")
+        .annotate(last=Max("id")),
     ]:
         last[partner] = max(last_id, last.get(partner, 0))
     newest = sorted(last.items(), key=lambda item: item[1], reverse=True)[:limit]
@@ -63,3 +67,18 @@ def direct_history(
             qs = qs.filter(id__lt=before)
         rows.update(qs.order_by("-id").values_list("id", "wire")[:limit])
     return sorted(rows)[-limit:]
+
+
+def notices(user: AnyUser | None, before: int | None, limit: int) -> list[tuple[int, str]]:
+    """
+    Up to `limit` messages the server published to `user` (not to a room) with id < `before`
+    (all when None), newest last: what a tab past its queue bound or opened later reloads.
+    """
+    owner = require_user(user)
+    # A backward range of message_direct_idx (to_user, sender IS NULL, id).
+    qs = Message.objects.filter(to_user=owner.pk, sender__isnull=True)
+    if before is not None:
+        qs = qs.filter(id__lt=before)
+    rows = list(qs.order_by("-id").values_list("id", "wire")[:limit])
+    rows.reverse()
+    return rows

@@ -1,5 +1,7 @@
 """Messages (the history), deliveries (per-client queue entries) and rooms."""
 
+import uuid
+
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
@@ -25,6 +27,12 @@ class Room(models.Model):
         return self.name
 
 
+# The `sender_client` of every message published by the server (messaging.publishing): no tab
+# has it (client ids are UUID4s), and with the publish key in `client_msg_id` the dedup constraint
+# makes a retried publish store nothing new, as a tab's retried send does.
+SERVER_CLIENT = uuid.UUID(int=0)
+
+
 class Message(models.Model):
     """
     One message as sent, stored once.
@@ -34,8 +42,13 @@ class Message(models.Model):
     decoding the body again (see `messaging.wire`).
     """
 
+    # None for a message published by the server.
     sender = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="sent_chat_messages"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="sent_chat_messages",
     )
     # Not a foreign key: history and dedup outlive the tab that sent the message.
     sender_client = models.UUIDField()
@@ -60,6 +73,7 @@ class Message(models.Model):
     wire = models.TextField()
 
     class Meta:
+        permissions = [("publish_message", "Can send messages as the server")]
         constraints = [
             models.UniqueConstraint(
                 fields=["sender_client", "client_msg_id"], name="message_dedup_uniq"

@@ -6,6 +6,7 @@ Store, then send: a message and one delivery per target client are committed in 
 transaction, and connected tabs are poked through the channel layer only after the commit.
 """
 
+import contextlib
 import functools
 import logging
 import uuid
@@ -70,6 +71,10 @@ class SendRequest:
     kind: str  # "room" or "user"
     name: str
     body_text: str
+    # A publish of the server (messaging.publishing): its sender label. Then `owner` is None,
+    # `client_id` is SERVER_CLIENT and `client_msg_id` the publish key; it is not rate limited,
+    # and it reaches every target client but no sender's.
+    server: str | None = None
 
 
 def send_message(
@@ -129,11 +134,13 @@ def send_many(requests: list[SendRequest]) -> list[SendResult | Exception]:
         else:
             firsts.setdefault((request.client_id, request.client_msg_id), i)
     # One token per new send from its client's bucket and its user's (messaging.ratelimit),
-    # for the whole batch at once.
-    taken = dict(
+    # for the whole batch at once. The server's publishes are the host application's to pace.
+    limited = {k: i for k, i in firsts.items() if requests[i].server is None}
+    taken = {i: True for i in firsts.values()}
+    taken.update(
         zip(
-            firsts.values(),
-            send_rate.take_many([(k[0], requests[i].owner.pk) for k, i in firsts.items()]),
+            limited.values(),
+            send_rate.take_many([(k[0], requests[i].owner.pk) for k, i in limited.items()]),
             strict=True,
         )
     )
@@ -149,8 +156,13 @@ def send_many(requests: list[SendRequest]) -> list[SendResult | Exception]:
             results[i] = RateLimited("too many messages; slow down and retry", code="rate_limited")
     for indexes in groups.values():
         batch = [requests[i] for i in indexes]
+        # Within a transaction of the caller (a publish in the host application's atomic block)
+        # the sends join it, and not the process's writer lock: on SQLite that transaction may
+        # hold the database's write lock already, and a batch holding the process lock would
+        # wait for it while it waits for the batch.
+        writer = contextlib.nullcontext() if connection.in_atomic_block else batching.one_writer()
         try:
-            with batching.one_writer(), transaction.atomic():
+            with writer, transaction.atomic():
                 stored = _store(batch)
         except Exception as exc:
             stored = [exc] * len(batch)
@@ -163,7 +175,7 @@ def _target_key(request: SendRequest) -> tuple:
     # Sends with one key share a transaction: a room's, or a user's from one sender.
     if request.kind == "room":
         return ("room", request.name)
-    return ("user", request.name, request.owner.pk)
+    return ("user", request.name, None if request.owner is None else request.owner.pk)
 
 
 def _existing_ids(requests: list[SendRequest]) -> dict[tuple[Any, str], int]:
@@ -188,7 +200,8 @@ def _store(batch: list[SendRequest]) -> list[SendResult | Exception]:
         if first.kind == "room":
             # Locking the room row first gives every send to one room a single order, in
             # history (message ids) and in every member client's seqs alike.
-            owners = sorted({r.owner.pk for r in batch})
+            # (The server's publishes have no owner: NULL matches no member.)
+            owners = sorted({r.owner.pk for r in batch if r.owner is not None}) or [None]
             cursor.execute(_with_list(sql["room"], len(owners)), [*owners, first.name])
             rows = cursor.fetchall()
             if not rows:
@@ -196,7 +209,7 @@ def _store(batch: list[SendRequest]) -> list[SendResult | Exception]:
             room_id, room_name = rows[0][0], rows[0][1]
             members = {row[2] for row in rows}
             for i, request in enumerate(batch):
-                if request.owner.pk not in members:
+                if request.server is None and request.owner.pk not in members:
                     # Before the member clients are locked: a non-member cannot stall the room.
                     results[i] = Forbidden(
                         "only members can post to this room", code="not_a_member"
@@ -214,7 +227,8 @@ def _store(batch: list[SendRequest]) -> list[SendResult | Exception]:
             if recipient is None:
                 return [NotFound(f"no user named {first.name!r}", code="unknown_user")] * len(batch)
             to_user_id = recipient[0]
-            user_ids = sorted({first.owner.pk, to_user_id})
+            # The recipient's clients and the sender's (none for the server's publishes).
+            user_ids = sorted({r.owner.pk for r in batch if r.owner is not None} | {to_user_id})
             to = {"user": recipient[1]}
             cursor.execute(_with_list(sql["targets"], len(user_ids)), user_ids)
         targets = cursor.fetchall()
@@ -225,21 +239,31 @@ def _store(batch: list[SendRequest]) -> list[SendResult | Exception]:
             if results[i] is not None:
                 continue
             sender_key = _uuid_param(request.client_id)
-            if sender_key not in target_keys:
+            if request.server is None and sender_key not in target_keys:
                 results[i] = NotFound("no such client", code="unknown_client")
                 continue
             now = timezone.now()
-            wire = message_tail(
-                sender=request.owner.get_username(),
-                client_id=str(request.client_id),
-                to=to,
-                body_json=request.body_text,
-                created=now,
-            )
+            if request.server is None:
+                wire = message_tail(
+                    sender=request.owner.get_username(),
+                    client_id=str(request.client_id),
+                    to=to,
+                    body_json=request.body_text,
+                    created=now,
+                )
+            else:
+                wire = message_tail(
+                    sender=None,
+                    client_id=None,
+                    to=to,
+                    body_json=request.body_text,
+                    created=now,
+                    server=request.server,
+                )
             cursor.execute(
                 sql["insert_message"],
                 [
-                    request.owner.pk,
+                    None if request.owner is None else request.owner.pk,
                     sender_key,
                     request.client_msg_id,
                     to_user_id,

@@ -2,7 +2,7 @@
 
 from django.urls import path, re_path
 
-from messaging import views
+from messaging import server_api, views
 
 urlpatterns = [
     path("clients/", views.clients_collection),
@@ -17,5 +17,7 @@ urlpatterns = [
     path("rooms/<str:name>/messages", views.room_messages),
     path("direct/", views.direct_collection),
     path("direct/<str:name>/messages", views.direct_messages),
+    path("notices/", views.notices),
+    path("server/publish", server_api.publish),
     re_path(r"^.*$", views.not_found),
 ]

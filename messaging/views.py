@@ -263,6 +263,16 @@ def direct_messages(request: HttpRequest, name: str) -> HttpResponse:
     return _json_text(messages_json(rows))
 
 
+@api("GET")
+def notices(request: HttpRequest) -> HttpResponse:
+    """
+    GET /api/notices/?before=ID&limit=L: the messages the server published to the caller (not
+    to a room), newest last.
+    """
+    limit = validation.limit_param(request.GET.get("limit"))
+    return _json_text(messages_json(direct.notices(request.user, _before_param(request), limit)))
+
+
 # -- edges -------------------------------------------------------------------------------------
 
 

@@ -76,13 +76,23 @@ def iso_utc(moment: datetime) -> str:
 
 
 def message_tail(
-    *, sender: str, client_id: str, to: dict, body_json: str, created: datetime
+    *,
+    sender: str | None,
+    client_id: str | None,
+    to: dict,
+    body_json: str,
+    created: datetime,
+    server: str | None = None,
 ) -> str:
     """
     The protocol's message object without its id, as JSON text ending in "}" and starting with
     ',"from"'; the id is known only after the insert and is put in front by `message_json`.
+    A message published by the server has `"server": label` in its `from` (user and client null).
     """
-    head = dumps({"from": {"user": sender, "client_id": client_id}, "to": to})
+    sent_by: dict[str, Any] = {"user": sender, "client_id": client_id}
+    if server is not None:
+        sent_by["server"] = server
+    head = dumps({"from": sent_by, "to": to})
     return f',{head[1:-1]},"body":{body_json},"created":"{iso_utc(created)}"}}'
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,7 @@ CLEANUP_EVERY = 1  # seconds between cleanup runs (CLIENTS_CLEANUP_INTERVAL)
 QUEUE_LIMIT = 30  # deliveries a client may hold (MESSAGING_QUEUE_LIMIT), small to fill fast
 WAIT_MS = 20_000
 USERS = {"alice": "alice-pass-1", "bob": "bob-pass-1", "carol": "carol-pass-1"}
+SERVER_TOKEN = "p" * 40  # MESSAGING_SERVER_API_TOKEN: the server API publishes (docs/publish.md)
 
 
 def _require_chromium() -> None:
@@ -64,6 +66,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         CLIENTS_CLEANUP_INTERVAL=str(CLEANUP_EVERY),
         CLIENTS_HEARTBEAT_INTERVAL="1",
         MESSAGING_QUEUE_LIMIT=str(QUEUE_LIMIT),
+        MESSAGING_SERVER_API_TOKEN=SERVER_TOKEN,
     )
     try:
         deployment.populate(USERS, {})
@@ -544,3 +547,39 @@ def test_a_reload_without_the_server_shows_the_cached_room_and_the_outbox_at_onc
     assert page.is_enabled("#composer-input")
     expect_shown(page, ["from before", "typed offline"], timeout=1)
     assert page.evaluate("window.relay.state") != "online"
+
+
+def server_publish(server: Server, to: dict, text: str, sender: str) -> None:
+    """Publish as the server, through POST /api/server/publish with the bearer token."""
+    request = urllib.request.Request(
+        f"{server.base_url}/api/server/publish",
+        data=json.dumps({"to": to, "body": {"text": text}, "sender": sender}).encode(),
+        headers={"Authorization": f"Bearer {SERVER_TOKEN}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201
+
+
+def test_the_servers_messages_are_shown_apart_and_cannot_be_answered(tabs, server):
+    """A server message to a room shows in it set apart (class server, its sender label, no
+    "own" mark); one to the user lands in a read-only Notices conversation."""
+    make_room(server, "news", "bob")
+    page = tabs.open(tabs.context("bob"), "news")
+    server_publish(server, {"room": "news"}, "maintenance at 3", "ops")
+    expect_shown(page, ["maintenance at 3"])
+    row = page.locator("#messages .msg.server")
+    assert row.count() == 1 and page.locator("#messages .msg.own").count() == 0
+    assert row.locator(".author").inner_text().startswith("ops")
+
+    server_publish(server, {"user": "bob"}, "your report is ready", "reports")
+    page.wait_for_selector("#directs a[data-key='!notices'] .badge")
+    page.click("#directs a[data-key='!notices']")
+    page.wait_for_selector("#room-title:has-text('Notices')")
+    expect_shown(page, ["your report is ready"])
+    assert page.locator("#composer-input").is_disabled()
+
+    # A new tab (a new client, an empty queue) finds the notice in the notices history.
+    fresh = tabs.open(tabs.context("bob"), "news")
+    fresh.click("#directs a[data-key='!notices']")
+    expect_shown(fresh, ["your report is ready"])

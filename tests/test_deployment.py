@@ -31,6 +31,7 @@ NGINX = os.environ.get("NGINX_PATH", "/usr/sbin/nginx")
 NGINX_SITE = ROOT / "deploy" / "nginx.conf"
 UNIT = ROOT / "deploy" / "tabrelay@.service"
 PASSWORD = "dora-pass-1"
+SERVER_TOKEN = "s" * 43
 MiB = 1024 * 1024
 # How long the hostile clients keep sending while others are timed.
 LOAD_SECONDS = 3.0
@@ -91,6 +92,7 @@ class Stack:
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
                 "DJANGO_CSRF_TRUSTED_ORIGINS": self.origin,
                 "DJANGO_STATIC_ROOT": str(static),
+                "MESSAGING_SERVER_API_TOKEN": SERVER_TOKEN,
             },
         )
         self.nginx: subprocess.Popen | None = None
@@ -275,6 +277,23 @@ def test_the_documented_shape_serves_pages_api_sockets_and_static_files(stack):
     assert response.status == 200 and b"tabrelay_sends_total" in response.read()
     conn.close()
 
+    # The server API: a bearer token and no session; through nginx to the app, which publishes.
+    service = http.client.HTTPSConnection("127.0.0.1", stack.https_port, context=stack.tls)
+    publish = json.dumps({"to": {"user": "dora"}, "body": "hi", "key": "k"})
+    for authorization, expected in ((None, 401), ("Bearer wrong", 401), (SERVER_TOKEN, 201)):
+        headers = {"Content-Type": "application/json"}
+        if authorization is not None:
+            headers["Authorization"] = (
+                authorization if " " in authorization else f"Bearer {authorization}"
+            )
+        service.request("POST", "/api/server/publish", publish, headers)
+        answer = service.getresponse()
+        assert (answer.status, json.loads(answer.read()).get("duplicate")) == (
+            expected,
+            False if expected == 201 else None,
+        )
+    service.close()
+
 
 # -- hostile bodies ------------------------------------------------------------------------------
 
@@ -373,6 +392,19 @@ def heads(stack: Stack, session: str) -> dict[str, tuple[str, Iterator[bytes], i
             f"POST /api/messages/ HTTP/1.1\n{host}\nCookie: {session}\n"
             f"Content-Type: =?utf-8?q?multipart?=/form-data; boundary={boundary}\n"
             "Transfer-Encoding: chunked\n",
+            chunked(12 * MiB, parts),
+            415,
+        ),
+        # The server API: no session cookie, so no Authorization header is no credentials at all.
+        "server API without a token": (
+            f"POST /api/server/publish HTTP/1.1\n{host}\nContent-Type: application/json\n"
+            f"Content-Length: {300 * 1024}\n",
+            plain(300 * 1024, b" " * 1024),
+            401,
+        ),
+        "server API multipart with a token": (
+            f"POST /api/server/publish HTTP/1.1\n{host}\nAuthorization: Bearer x\n"
+            f"Content-Type: {form}\nTransfer-Encoding: chunked\n",
             chunked(12 * MiB, parts),
             415,
         ),

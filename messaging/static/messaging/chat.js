@@ -22,8 +22,9 @@ const CACHED_MESSAGES = 50;
 
 const relay = new RelayClient();
 // Conversations: a room under its name, the direct messages with a user under "@" + the user's
-// name (room names cannot start with "@"). Each is {name: key, kind: "room" | "user", peer,
-// members, messages: Map(id -> message), loaded, unread, cached}.
+// name (room names cannot start with "@"), and the server's messages to this user under NOTICES.
+// Each is {name: key, kind: "room" | "user" | "server", peer, members, messages: Map(id ->
+// message), loaded, unread, cached}.
 const rooms = new Map();
 const pending = new Map(); // client_msg_id -> outbox entry (with .failed when refused)
 const online = new Set(); // other users online (presence frames)
@@ -37,8 +38,22 @@ window.chat = { received: [], rooms, pending, online };
 
 // -- the store ------------------------------------------------------------------------------------
 
+// The server's direct messages (docs/publish.md): a conversation of their own, read-only, never
+// a room name (room names cannot start with "!").
+const NOTICES = "!notices";
+
 function directKey(user) {
   return `@${user}`;
+}
+
+/** A message from the server (`from` is {"user": null, "client_id": null, "server": label}). */
+function isServer(message) {
+  return typeof message.from?.server === "string";
+}
+
+/** Who a message is shown as from: its user, or the server's label. */
+function authorOf(message) {
+  return isServer(message) ? message.from.server : message.from.user;
 }
 
 /** The conversation of a message to `to` from `from` (a user name). */
@@ -47,12 +62,19 @@ function keyOf(to, from) {
   return directKey(from && from !== me ? from : to.user);
 }
 
+/** The conversation of a received message. */
+function keyOfMessage(message) {
+  if (isServer(message) && message.to.room === undefined) return NOTICES;
+  return keyOf(message.to, message.from?.user);
+}
+
 function room(key) {
   if (!rooms.has(key)) {
     const peer = key.startsWith("@") ? key.slice(1) : null;
+    const kind = key === NOTICES ? "server" : peer === null ? "room" : "user";
     rooms.set(key, {
       name: key,
-      kind: peer === null ? "room" : "user",
+      kind,
       peer,
       members: peer === null ? [] : [...new Set([me, peer])],
       messages: new Map(),
@@ -72,12 +94,13 @@ function targetOf(key) {
 
 function titleOf(key) {
   const conversation = room(key);
+  if (conversation.kind === "server") return "⚑ Notices";
   return conversation.kind === "room" ? `# ${conversation.name}` : `@ ${conversation.peer}`;
 }
 
 function upsert(message) {
   if (!message.to) return false;
-  const target = room(keyOf(message.to, message.from?.user));
+  const target = room(keyOfMessage(message));
   const known = target.messages.has(message.id);
   target.messages.set(message.id, message);
   return !known;
@@ -134,10 +157,11 @@ function renderMessages() {
   const target = room(current);
   const items = [...target.messages.values()].sort((a, b) => a.id - b.id).map((m) => ({
     id: m.id,
-    user: m.from.user,
+    user: authorOf(m),
+    server: isServer(m),
     body: m.body,
     created: m.created,
-    mark: m.from.user === me ? "sent" : null,
+    mark: !isServer(m) && m.from.user === me ? "sent" : null,
   }));
   for (const entry of pending.values()) {
     if (keyOf(entry.to, me) !== current) continue;
@@ -159,13 +183,15 @@ function renderMessages() {
   for (const item of items) {
     const row = document.createElement("div");
     row.className = "msg";
-    if (item.user === me) row.classList.add("own");
+    if (item.server) row.classList.add("server");
+    else if (item.user === me) row.classList.add("own");
     if (item.mark) row.classList.add(item.mark);
     if (item.id !== undefined) row.dataset.id = item.id;
     if (item.cmid) row.dataset.cmid = item.cmid;
     const grouped =
       previous &&
       previous.user === item.user &&
+      Boolean(previous.server) === Boolean(item.server) &&
       Math.abs(new Date(item.created) - new Date(previous.created)) < GROUP_WITHIN_MS;
     if (grouped) {
       row.classList.add("cont");
@@ -173,7 +199,7 @@ function renderMessages() {
       gutter.className = "gutter";
       row.append(gutter);
     } else {
-      row.append(avatar(item.user));
+      row.append(item.server ? avatar("⚑", "server") : avatar(item.user));
     }
     const content = document.createElement("div");
     content.className = "content";
@@ -183,6 +209,13 @@ function renderMessages() {
       const author = document.createElement("span");
       author.className = "author";
       author.textContent = item.user;
+      if (item.server) {
+        author.title = "A message from the server";
+        const tag = document.createElement("span");
+        tag.className = "server-tag";
+        tag.textContent = "server";
+        author.append(" ", tag);
+      }
       const time = document.createElement("time");
       time.textContent = timeOf(item.created);
       if (item.created) time.dateTime = item.created;
@@ -221,7 +254,10 @@ function renderRooms() {
   ]) {
     const list = $(listId);
     list.replaceChildren();
-    const shown = [...rooms.values()].filter((r) => r.kind === kind);
+    // The server's notices are listed with the direct messages.
+    const shown = [...rooms.values()].filter(
+      (r) => r.kind === kind || (kind === "user" && r.kind === "server"),
+    );
     for (const r of shown.sort((a, b) => a.name.localeCompare(b.name))) {
       const item = document.createElement("li");
       const link = document.createElement("a");
@@ -273,13 +309,19 @@ function renderHeader() {
   $("room-title").textContent = current ? titleOf(current) : "No room yet";
   const members = current ? room(current).members.length : 0;
   let sub = "";
-  if (current && room(current).kind === "user") sub = "Direct messages";
+  const readOnly = current && room(current).kind === "server";
+  if (readOnly) sub = "Messages from the server";
+  else if (current && room(current).kind === "user") sub = "Direct messages";
   else if (current) sub = `${members} member${members === 1 ? "" : "s"}`;
   $("room-sub").textContent = sub;
   const input = $("composer-input");
-  input.disabled = !current;
-  $("composer-send").disabled = !current;
-  input.placeholder = current ? `Message ${titleOf(current)}` : "Pick a room first";
+  input.disabled = !current || readOnly;
+  $("composer-send").disabled = !current || readOnly;
+  input.placeholder = readOnly
+    ? "The server's notices cannot be answered"
+    : current
+      ? `Message ${titleOf(current)}`
+      : "Pick a room first";
   const count = relay.pending().length;
   const badge = $("outbox-count");
   badge.hidden = count === 0;
@@ -376,11 +418,15 @@ function loadHistory(key, options = {}) {
 
 async function fetchHistory(key, { unread = false } = {}) {
   // `unread`: a reload after a resync, whose new messages from others the page has not shown.
-  const messages = await withRetry(() => relay.history(targetOf(key), { limit: 100 }));
+  const messages = await withRetry(() =>
+    key === NOTICES ? relay.notices({ limit: 100 }) : relay.history(targetOf(key), { limit: 100 }),
+  );
+  // No Notices conversation until the server has sent this user something.
+  if (key === NOTICES && messages.length === 0 && !rooms.has(NOTICES)) return;
   const target = room(key);
   let fresh = 0;
   for (const message of messages) {
-    if (upsert(message) && message.from.user !== me) fresh += 1;
+    if (upsert(message) && (isServer(message) || message.from.user !== me)) fresh += 1;
   }
   target.loaded = true;
   if (key === current) {
@@ -487,11 +533,13 @@ relay.on("state", ({ state, previous }) => {
 relay.on("message", (message) => {
   window.chat.received.push(message.id);
   if (!message.to) return;
-  const name = keyOf(message.to, message.from.user);
+  const name = keyOfMessage(message);
   const isNew = upsert(message);
   const target = room(name);
-  if (isNew && name !== current && message.from.user !== me) target.unread += 1;
-  if (target.kind === "room" && !target.members.includes(message.from.user)) {
+  if (isNew && name !== current && (isServer(message) || message.from.user !== me)) {
+    target.unread += 1;
+  }
+  if (target.kind === "room" && !isServer(message) && !target.members.includes(message.from.user)) {
     target.members.push(message.from.user);
   }
   if (name === current) {
@@ -554,6 +602,7 @@ relay.on("resync", async () => {
       console.warn(`chat: could not reload the history of ${key}`, error);
     });
   for (const r of rooms.values()) if (r.loaded) reload(r.name);
+  if (!rooms.has(NOTICES)) reload(NOTICES);
   try {
     for (const r of await loadDirects()) reload(r.name);
   } catch (error) {
@@ -580,7 +629,7 @@ $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const input = $("composer-input");
   const text = input.value.trim();
-  if (!text || !current) return;
+  if (!text || !current || room(current).kind === "server") return;
   relay.send(targetOf(current), { text });
   input.value = "";
   lastTypingSent = 0;
@@ -635,7 +684,10 @@ async function start() {
   // Registered before history is read: every later message is in this tab's queue, and
   // anything in both is one message by id.
   await relay.connect();
-  await Promise.all([loadRooms(), loadDirects()]);
+  const notices = loadHistory(NOTICES).catch((error) => {
+    console.warn("chat: could not load the server's notices", error);
+  });
+  await Promise.all([loadRooms(), loadDirects(), notices]);
   saveCache();
   const roomNames = [...rooms.values()].filter((r) => r.kind === "room").map((r) => r.name);
   let first = roomNames.sort()[0];

@@ -169,6 +169,13 @@ export class RelayClient {
     return (await this.request("GET", `${path}?${query}`)).messages;
   }
 
+  /** The messages the server published to this user (not to a room), newest last. */
+  async notices({ before, limit = 100 } = {}) {
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (before !== undefined) query.set("before", String(before));
+    return (await this.request("GET", `/api/notices/?${query}`)).messages;
+  }
+
   /** The users this user has direct messages with, newest first: [{user, last_id}]. */
   async conversations({ limit = 100 } = {}) {
     return (await this.request("GET", `/api/direct/?limit=${limit}`)).conversations;
