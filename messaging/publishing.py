@@ -9,6 +9,7 @@ message and its deliveries exist if and only if the caller's work commits, and t
 on that commit.
 """
 
+import hashlib
 import logging
 import uuid
 from typing import Any
@@ -57,7 +58,11 @@ def publish_request(
         # copying it).
         client_msg_id = f"auto:{uuid.uuid4().hex}"
     else:
-        client_msg_id = validation.clean_text(key, "key", max_length=MAX_KEY)
+        key = validation.clean_text(key, "key", max_length=MAX_KEY)
+        # A key names one message to one target: the same key for another target (an order id
+        # used for its buyer and for its seller) is another message, not a duplicate.
+        scoped = hashlib.sha256(f"{kind}\0{name}\0{key}".encode()).hexdigest()[:48]
+        client_msg_id = f"key:{scoped}"
     label = conf.get("MESSAGING_SERVER_SENDER") if sender is None else sender
     label = validation.clean_text(label, "sender", max_length=MAX_SENDER)
     return services.SendRequest(

@@ -144,6 +144,16 @@ async def test_a_retried_publish_with_the_same_key_stores_one_message(alice, bob
     await tab.disconnect()
 
 
+async def test_one_key_for_two_targets_is_two_messages(alice, bob):
+    """A key names one message to one target: the same key (an order id) for the buyer and for
+    the seller stores a message for each, and a retry of either stores nothing new."""
+    for_alice = await apublish(alice, {"text": "sold"}, key="order-7")
+    for_bob = await apublish(bob, {"text": "bought"}, key="order-7")
+    assert not for_alice.duplicate and not for_bob.duplicate and for_alice.id != for_bob.id
+    again = await apublish(bob, {"text": "bought"}, key="order-7")
+    assert again.duplicate and again.id == for_bob.id
+
+
 async def test_publish_keeps_the_queue_bound(bob, settings):
     """Past MESSAGING_QUEUE_LIMIT a client gets resync_required, as with a tab's sends."""
     settings.MESSAGING_QUEUE_LIMIT = 2

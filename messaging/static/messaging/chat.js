@@ -602,7 +602,9 @@ relay.on("resync", async () => {
       console.warn(`chat: could not reload the history of ${key}`, error);
     });
   for (const r of rooms.values()) if (r.loaded) reload(r.name);
-  if (!rooms.has(NOTICES)) reload(NOTICES);
+  // Notices that a live message opened (not loaded yet) are reloaded too: some may be only in
+  // their history now.
+  if (!rooms.has(NOTICES) || !rooms.get(NOTICES).loaded) reload(NOTICES);
   try {
     for (const r of await loadDirects()) reload(r.name);
   } catch (error) {
