@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from django.db.models import Count, F, Max, Q, Sum
-from django.http import Http404, HttpRequest, HttpResponse
-from django.views.decorators.http import require_http_methods
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -294,7 +293,6 @@ def _bearer(request: HttpRequest) -> str:
     return credentials.strip() if scheme.lower() == "bearer" else ""
 
 
-@require_http_methods(["GET", "HEAD"])
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """
     This process's metrics in Prometheus's text format, for an allowed address and/or the
@@ -304,6 +302,12 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     networks = allowed_networks()
     if not token and not networks:
         raise Http404("metrics are off")
+    if request.method not in ("GET", "HEAD"):
+        return HttpResponseNotAllowed(["GET", "HEAD"])
+    if "X-Forwarded-For" in request.headers or "X-Forwarded-Proto" in request.headers:
+        # Through a proxy (nginx sets both), or a client claiming an address: under daphne's
+        # --proxy-headers REMOTE_ADDR would be that claim. A scrape comes straight to daphne.
+        raise Http404("metrics are scraped on daphne's own port")
     if networks and not _address_allowed(request.META.get("REMOTE_ADDR", ""), networks):
         return HttpResponse("metrics: address not allowed\n", status=403, content_type="text/plain")
     if token and not hmac.compare_digest(_bearer(request).encode(), token.encode()):

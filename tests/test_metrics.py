@@ -72,6 +72,19 @@ def test_allowed_addresses():
         assert "tabrelay_clients" in scrape()
 
 
+def test_forwarded_requests_and_other_methods_are_refused():
+    """A request through a proxy, or one claiming an address with X-Forwarded-For (which
+    daphne's --proxy-headers would take as REMOTE_ADDR), never reads /metrics; other methods
+    get 405 only where the endpoint exists at all."""
+    assert HttpClient().post("/metrics").status_code == 404  # off: nothing to see, whatever
+    with override_settings(MESSAGING_METRICS_ALLOWED_IPS=["10.0.0.0/8"]):
+        allowed = HttpClient(REMOTE_ADDR="10.1.2.3")
+        assert allowed.get("/metrics", HTTP_X_FORWARDED_FOR="10.9.9.9").status_code == 404
+        assert allowed.get("/metrics", HTTP_X_FORWARDED_PROTO="https").status_code == 404
+        assert allowed.post("/metrics").status_code == 405
+        assert allowed.get("/metrics").status_code == 200
+
+
 def test_bad_allowed_address_is_a_system_check_error():
     """A METRICS_ALLOWED_IPS entry that is no address or network fails messaging.E007."""
     with override_settings(MESSAGING_METRICS_ALLOWED_IPS=["10.0.0.0/8", "localhost"]):
