@@ -14,7 +14,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from clients.errors import Malformed, ServiceError
 from messaging import conf, publishing
-from messaging.views import _check_size, _object, error_response, not_found
+from messaging.views import _check_size, _object, error_response, failure_response, not_found
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,9 @@ def publish(request: HttpRequest) -> HttpResponse:
         result = publishing.publish(
             body.get("to"), body["body"], key=body.get("key"), sender=body.get("sender")
         )
-    except ServiceError as exc:
-        return error_response(exc.status, exc.code, exc.detail)
-    except (OperationalError, InterfaceError) as exc:
-        # Nothing was committed; the caller retries with the same key.
-        logger.warning("database unavailable for %s: %s", request.path, exc)
-        response = error_response(503, "unavailable", "the database is unavailable; retry")
-        response["Retry-After"] = "1"
-        return response
+    except (ServiceError, OperationalError, InterfaceError) as exc:
+        # A 503 committed nothing: the caller retries with the same key.
+        return failure_response(request, exc)
     return JsonResponse(
         {"id": result.id, "duplicate": result.duplicate}, status=200 if result.duplicate else 201
     )

@@ -35,6 +35,20 @@ def error_response(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "detail": detail}}, status=status)
 
 
+def failure_response(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """
+    The answer to a failure an API call can meet: a service error's status and code, or 503 when
+    the database went away (restart, failover, killed connection): nothing was committed, and
+    every call of the API is safe to retry.
+    """
+    if isinstance(exc, ServiceError):
+        return error_response(exc.status, exc.code, exc.detail)
+    logger.warning("database unavailable for %s: %s", request.path, exc)
+    response = error_response(503, "unavailable", "the database is unavailable; retry")
+    response["Retry-After"] = "1"
+    return response
+
+
 def _csrf_reject(request: HttpRequest) -> HttpResponse | None:
     # Run Django's own CSRF check, but after the login check: an anonymous caller gets 401.
     middleware = CsrfViewMiddleware(lambda req: HttpResponse())
@@ -70,15 +84,8 @@ def api(*methods: str) -> Callable:
                         return rejected
                 _check_size(request)
                 return view(request, *args, **kwargs)
-            except ServiceError as exc:
-                return error_response(exc.status, exc.code, exc.detail)
-            except (OperationalError, InterfaceError) as exc:
-                # The database went away (restart, failover, killed connection): nothing was
-                # committed, and every call of the API is safe to retry.
-                logger.warning("database unavailable for %s: %s", request.path, exc)
-                response = error_response(503, "unavailable", "the database is unavailable; retry")
-                response["Retry-After"] = "1"
-                return response
+            except (ServiceError, OperationalError, InterfaceError) as exc:
+                return failure_response(request, exc)
 
         return wrapper
 
