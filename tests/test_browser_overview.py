@@ -14,13 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from tests.servers import Deployment, Server, Session
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _require_chromium
+from tests.test_browser import (  # noqa: F401 (fixtures)
+    _require_chromium,
+    browser,
+)
 
 USERS = {"alice": "alice-pass-1", "bob": "bob-pass-1"}
 OPERATOR = ("ops", "ops-pass-1")
@@ -52,19 +54,6 @@ def server(tmp_path) -> Iterator[tuple[Deployment, Server]]:
         deployment.close()
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    _require_chromium()
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 def scrape(server: Server) -> dict[str, float]:
     with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -78,7 +67,7 @@ def scrape(server: Server) -> dict[str, float]:
     return samples
 
 
-def test_overview_and_metrics_with_real_traffic(server, browser):
+def test_overview_and_metrics_with_real_traffic(server, browser):  # noqa: F811
     """A staff login finds the overview from the index, with the tab, the queue and the hour."""
     deployment, daphne = server
     base = daphne.base_url
@@ -166,7 +155,7 @@ def _stage_an_hour(deployment: Deployment, client_id: str) -> None:
     )
 
 
-def test_every_process_serves_its_own_metrics(server, browser):
+def test_every_process_serves_its_own_metrics(server, browser):  # noqa: F811
     """Two processes: each counts its own sockets and closes, both report the shared clients,
     and the overview lists each process with its tab."""
     deployment, first = server
